@@ -1,0 +1,220 @@
+"""llama.cpp's type presets (``--type Q3_K_M`` ...) as per-tensor GGML types.
+
+The rules restate ``llama_tensor_get_type_impl`` and ``tensor_type_fallback`` of
+src/llama-quant.cpp in the llama.cpp that llama-cpp-python 0.3.36 vendors, for the dense
+(non-MoE) LLaMA-family models we export, without an importance matrix. Matching them tensor by
+tensor is what makes a comparison with ``llama-quantize`` one at equal file size.
+
+Facts from that source that shape the code:
+
+* Layer-dependent rules count tensors in file order, which for our models is the layer index:
+  attn_v and ffn_down of layer i are the i-th of ``n_layers`` such tensors.
+* ``output.weight`` (and ``token_embd.weight`` when tied, since it then *is* the output) gets Q6_K,
+  or Q8_0 when the preset is Q8_0 or the row length is not a multiple of the preset's block.
+  An untied ``token_embd`` keeps the preset's base type.
+* A row length (input features, GGML ``ne[0]``) that is not a multiple of the chosen type's block
+  falls back: Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; and to F16 when even
+  32 does not divide it.
+* The "70B" rule (attn_v Q3_K/Q4_K -> Q5_K) applies to 80-layer models with grouped-query
+  attention, as llama.cpp classifies them for the llama and qwen2 architectures.
+
+Not modelled: the Q4_0 preset's ffn_down bump to Q4_1 that llama.cpp makes only when given an
+importance matrix, MoE and Falcon rules, and user overrides (--tensor-type, --output-tensor-type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+import d2quant.grids.ggml  # noqa: F401  (registers the GGML grid kinds the specs name)
+from d2quant.errors import D2Error
+from d2quant.qmodel import ModelSpec
+
+PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0")
+
+_BASE = {"Q2_K": "q2_k", "Q3_K_S": "q3_k", "Q3_K_M": "q3_k", "Q3_K_L": "q3_k", "Q4_K_S": "q4_k",
+         "Q4_K_M": "q4_k", "Q5_K_M": "q5_k", "Q6_K": "q6_k", "Q4_0": "q4_0", "Q8_0": "q8_0"}
+
+_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+# "float" marks a tensor llama.cpp would leave unquantized (F16): its rows fit no block type.
+FLOAT = "float"
+
+
+def ggml_type(kind: str) -> gguf.GGMLQuantizationType:
+    """Our lower-case grid kind ("q4_k") -> gguf-py's enum member (Q4_K)."""
+    try:
+        return gguf.GGMLQuantizationType[kind.upper()]
+    except KeyError:
+        raise D2Error(f"{kind!r} is not a GGML tensor type") from None
+
+
+def block_size(kind: str) -> int:
+    return gguf.GGML_QUANT_SIZES[ggml_type(kind)][0]
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of layers that get a larger type: the first and last eighth, and every
+    third layer in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _attn_v(preset: str, base: str, i: int, n: int, gqa: int, is_70b: bool) -> str:
+    t = base
+    if preset == "Q2_K":
+        t = "q4_k" if gqa >= 4 else "q3_k"
+    elif preset == "Q3_K_M":
+        t = "q5_k" if i < 2 else "q4_k"
+    elif preset == "Q3_K_L":
+        t = "q5_k"
+    elif preset in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n):
+        t = "q6_k"
+    elif preset == "Q4_K_S" and i < 4:
+        t = "q5_k"
+    if is_70b and t in ("q3_k", "q4_k"):
+        t = "q5_k"
+    return t
+
+
+def _ffn_down(preset: str, base: str, i: int, n: int) -> str:
+    if preset == "Q2_K":
+        return "q3_k"
+    if preset == "Q3_K_M":
+        return "q5_k" if i < n // 16 else "q4_k"
+    if preset == "Q3_K_L":
+        return "q5_k"
+    if preset in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n):
+        return "q6_k"
+    if preset == "Q4_K_S" and i < n // 8:
+        return "q5_k"
+    return base
+
+
+def _attn_output(preset: str, base: str) -> str:
+    return {"Q2_K": "q3_k", "Q3_K_M": "q4_k", "Q3_K_L": "q5_k"}.get(preset, base)
+
+
+def _output(base: str, n_cols: int) -> str:
+    if n_cols % block_size(base) != 0 or base == "q8_0":
+        return "q8_0"
+    return "q6_k"
+
+
+def _fit_rows(kind: str, n_cols: int) -> str:
+    if n_cols % block_size(kind) == 0:
+        return kind
+    kind = _FALLBACK.get(kind, kind)
+    return kind if n_cols % block_size(kind) == 0 else FLOAT
+
+
+def _is_70b(spec: ModelSpec) -> bool:
+    return spec.arch != "qwen3" and spec.layers == 80 and spec.heads != spec.kv_heads
+
+
+def linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """[N out, K in] of every weight matrix by transformers name (embeddings as [vocab, hidden])."""
+    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    shapes = {"model.embed_tokens": (spec.vocab, spec.hidden)}
+    for i in range(spec.layers):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        shapes |= {f"{a}.q_proj": (q, spec.hidden), f"{a}.k_proj": (kv, spec.hidden),
+                   f"{a}.v_proj": (kv, spec.hidden), f"{a}.o_proj": (spec.hidden, q),
+                   f"{m}.gate_proj": (spec.ffn, spec.hidden), f"{m}.up_proj": (spec.ffn, spec.hidden),
+                   f"{m}.down_proj": (spec.hidden, spec.ffn)}
+    if not spec.tie_embeddings:
+        shapes["lm_head"] = (spec.vocab, spec.hidden)
+    return shapes
+
+
+def preset_types(preset: str, spec: ModelSpec) -> dict[str, str]:
+    """GGML type kind ("q3_k", ..., or FLOAT) of every weight matrix, by transformers name.
+
+    With tied embeddings there is no ``lm_head`` entry: the file's token_embd serves both and
+    gets the output tensor's type, as llama.cpp does.
+    """
+    if preset not in _BASE:
+        raise D2Error(f"unknown GGUF type {preset!r}; choose one of {', '.join(PRESETS)}")
+    base, n = _BASE[preset], spec.layers
+    gqa = spec.heads // spec.kv_heads
+    out: dict[str, str] = {}
+    for name, (_, k) in linear_shapes(spec).items():
+        role = name.rsplit(".", 1)[-1]
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        if name == "lm_head" or (name == "model.embed_tokens" and spec.tie_embeddings):
+            t = _output(base, k)
+        elif role == "v_proj":
+            t = _attn_v(preset, base, layer, n, gqa, _is_70b(spec))
+        elif role == "down_proj":
+            t = _ffn_down(preset, base, layer, n)
+        elif role == "o_proj":
+            t = _attn_output(preset, base)
+        else:  # q, k, gate, up and an untied token_embd keep the preset's base type
+            t = base
+        out[name] = _fit_rows(t, k)
+    return out
+
+
+def preset_grids(preset: str, spec: ModelSpec) -> dict[str, dict | None]:
+    """Grid spec per weight matrix ({"kind": "q3_k"}), or None where the tensor stays float."""
+    return {name: None if t == FLOAT else {"kind": t}
+            for name, t in preset_types(preset, spec).items()}
+
+
+# ---- size -------------------------------------------------------------------------------------
+
+def tensor_nbytes(kind: str, n_rows: int, n_cols: int) -> int:
+    """Bytes a [n_rows, n_cols] matrix takes in a GGML type (FLOAT counts as F16)."""
+    if kind == FLOAT:
+        return 2 * n_rows * n_cols
+    blk, nbytes = gguf.GGML_QUANT_SIZES[ggml_type(kind)]
+    if n_cols % blk:
+        raise D2Error(f"a row of {n_cols} values does not fit {kind.upper()} blocks of {blk}")
+    return n_rows * (n_cols // blk) * nbytes
+
+
+def spec_param_count(spec: ModelSpec) -> int:
+    """Real parameters of the model: matrices (tied embeddings once) plus norm weights."""
+    mats = sum(n * k for n, k in linear_shapes(spec).values())
+    norms = spec.hidden * (2 * spec.layers + 1)
+    if spec.arch == "qwen3":
+        norms += 2 * spec.head_dim * spec.layers
+    return mats + norms
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    nbytes: int  # tensor data bytes, metadata excluded
+    n_params: int
+    bits_per_weight: float
+    types: dict[str, int]  # tensors per GGML type
+
+
+def preset_size(preset: str, spec: ModelSpec, real_params: int | None = None) -> SizeEstimate:
+    """Tensor bytes of a preset on this model; norms counted as F32, biases ignored.
+
+    ``real_params``: divide by this count instead (e.g. the unpadded model's parameters when
+    measuring a zero-padded copy), so padded zeros do not lower the reported bits per weight.
+    """
+    shapes = linear_shapes(spec)
+    types = preset_types(preset, spec)
+    nbytes = sum(tensor_nbytes(types[k], *shapes[k]) for k in shapes)
+    nbytes += 4 * (spec_param_count(spec) - sum(n * k for n, k in shapes.values()))
+    n = real_params or spec_param_count(spec)
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return SizeEstimate(nbytes, n, 8 * nbytes / n, counts)
+
+
+def file_bits_per_weight(path, real_params: int | None = None) -> float:
+    """Bits per weight of a GGUF file: all tensor data bytes over the parameters.
+
+    Counts every tensor the file holds (biases and norms included); pass ``real_params`` to divide
+    by the real model's parameters instead of the file's element count.
+    """
+    reader = gguf.GGUFReader(str(path))
+    nbytes = sum(int(t.n_bytes) for t in reader.tensors)
+    n = real_params or sum(int(t.n_elements) for t in reader.tensors)
+    return 8 * nbytes / n

@@ -1,0 +1,203 @@
+"""QuantizedModel -> GGUF for stock llama.cpp, carrying the calibrated weights bit for bit.
+
+Each quantized linear is written as the GGML block bytes of its own grid (no re-rounding); float
+tensors as F32 (1-D) or, when that loses nothing, F16 (2-D). q/k rows (and biases) are permuted
+for llama.cpp's interleaved RoPE where the architecture needs it; packed GGML rows are independent,
+so permuting the packed rows is the same as permuting codes and parameters.
+
+``lm_head.bias`` (DAC's final-norm shift folded through lm_head): the ``llama`` and ``qwen3``
+architectures have no output.bias, and no other tensor can carry a per-token-independent logit
+shift, so it is dropped with a warning (``plan_gguf(qm).dropped``); ``verify_gguf`` measures what
+dropping it costs. Qwen2 models without ffn biases keep it (the ``qwen2`` architecture has it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from converters.gguf.arch import (ArchLayout, choose_layout, extra_tensors, gguf_name, rope_heads,
+                                  rope_permutation, write_hparams)
+from converters.gguf.blocks import ggml_form, pack_linear
+from converters.gguf.tokenizer import add_tokenizer
+from d2quant.errors import D2Error
+from d2quant.qmodel import QuantizedModel
+
+_REQUIRED = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+             "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+             "ffn_down.weight")
+_QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
+
+
+@dataclass
+class GGUFPlan:
+    """What write_gguf will write, resolved without packing anything."""
+
+    layout: ArchLayout
+    sources: dict[str, str]  # GGUF tensor name -> HF name ("<linear>" for a QuantizedLinear weight)
+    types: dict[str, str]  # GGUF tensor name -> GGML type name ("Q4_K", "F32", ...)
+    dropped: dict[str, str] = field(default_factory=dict)  # HF name -> why
+    notes: list[str] = field(default_factory=list)  # behaviour llama.cpp does not reproduce
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"dropped {k}: {why}" for k, why in self.dropped.items()] + self.notes
+
+
+def _float_type(t: torch.Tensor) -> str:
+    if t.dim() == 1:
+        return "F32"
+    t32 = t.float()
+    return "F16" if torch.equal(t32.to(torch.float16).float(), t32) else "F32"
+
+
+def plan_gguf(qm: QuantizedModel) -> GGUFPlan:
+    sources: dict[str, str] = {}
+    types: dict[str, str] = {}
+    for name, ql in qm.linears.items():
+        gname = gguf_name(name + ".weight")
+        grid, _, _ = ggml_form(name, ql.grid, ql.codes, ql.params)
+        sources[gname], types[gname] = name, grid.type_name
+        if ql.bias is not None:
+            sources[gguf_name(name + ".bias")] = name + ".bias"
+    for name, t in qm.tensors.items():
+        gname = gguf_name(name)
+        if gname in sources:
+            raise D2Error(f"{name} is both a quantized linear and a float tensor; the model is inconsistent")
+        sources[gname], types[gname] = name, _float_type(t)
+    for gname in sources:
+        types.setdefault(gname, "F32")  # biases
+
+    layout = choose_layout(qm.spec, set(sources))
+    dropped = {}
+    if "output.bias" in sources and not layout.output_bias:
+        src = sources.pop("output.bias")
+        types.pop("output.bias")
+        if torch.count_nonzero(qm.tensors[src]):  # an all-zero bias is dropped at no cost
+            dropped[src] = (f"llama.cpp's {layout.name} architecture has no output.bias; the "
+                            "final-norm DAC shift is lost (measure its cost with verify_gguf)")
+    _check_tensors(qm, layout, set(sources))
+    for gname in extra_tensors(qm.spec):
+        sources[gname], types[gname] = "<generated>", "F32"
+    return GGUFPlan(layout, sources, types, dropped, _sliding_window_notes(qm, layout))
+
+
+def _sliding_window_notes(qm: QuantizedModel, layout: ArchLayout) -> list[str]:
+    cfg = qm.spec.hf_config
+    window = cfg.get("sliding_window")
+    if not window or not cfg.get("use_sliding_window", True) or window >= qm.spec.max_positions:
+        return []
+    return [f"llama.cpp's {layout.name} architecture attends to the whole context, not the model's "
+            f"{window}-token sliding window: outputs differ beyond {window} tokens"]
+
+
+def _check_tensors(qm: QuantizedModel, layout: ArchLayout, names: set[str]) -> None:
+    required = set(_REQUIRED) | (set(_QK_NORMS) if layout.qk_norm else set())
+    allowed = required | layout.optional
+    for i in range(qm.spec.layers):
+        have = {n.split(".", 2)[2] for n in names if n.startswith(f"blk.{i}.")}
+        if missing := required - have:
+            raise D2Error(f"layer {i} lacks {', '.join(sorted(missing))}; the quantized model is incomplete")
+        if extra := have - allowed:
+            raise D2Error(f"llama.cpp's {layout.name} architecture cannot load "
+                          f"{', '.join(sorted(extra))} (layer {i})")
+    for top in ("token_embd.weight", "output_norm.weight"):
+        if top not in names:
+            raise D2Error(f"the quantized model lacks {top}; it is incomplete")
+
+
+def _rope_rows(layout: ArchLayout, qm: QuantizedModel, gname: str, arr: np.ndarray) -> np.ndarray:
+    role = gname.split(".")[2] if gname.startswith("blk.") else ""
+    if not layout.permute_qk or role not in ("attn_q", "attn_k"):
+        return arr
+    return arr[rope_permutation(arr.shape[0], rope_heads(qm.spec, role))]
+
+
+def _tensor_data(qm: QuantizedModel, plan: GGUFPlan,
+                 gname: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    src = plan.sources[gname]
+    if src == "<generated>":
+        return extra_tensors(qm.spec)[gname], None
+    if src in qm.linears:
+        tname, raw = pack_linear(src, qm.linears[src])
+        return _rope_rows(plan.layout, qm, gname, raw), gguf.GGMLQuantizationType[tname]
+    if src.endswith(".bias") and src[:-5] in qm.linears:
+        t = qm.linears[src[:-5]].bias
+    else:
+        t = qm.tensors[src]
+    arr = t.detach().cpu().float().numpy()
+    if plan.types[gname] == "F16":
+        arr = arr.astype(np.float16)
+    return np.ascontiguousarray(_rope_rows(plan.layout, qm, gname, arr)), None
+
+
+def _order(gname: str) -> tuple:
+    """token_embd, then layer by layer, then output_norm and output (convert_hf_to_gguf's order)."""
+    if gname.startswith("blk."):
+        _, i, rest = gname.split(".", 2)
+        role = rest.rsplit(".", 1)[0]
+        roles = ["attn_norm", "attn_q", "attn_q_norm", "attn_k", "attn_k_norm", "attn_v",
+                 "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+        return (1, int(i), roles.index(role) if role in roles else len(roles), rest)
+    return ({"token_embd.weight": 0, "rope_freqs.weight": 0}.get(gname, 2), 0, 0, gname)
+
+
+_FILE_TYPES = {"Q2_K": "MOSTLY_Q2_K", "Q3_K_S": "MOSTLY_Q3_K_S", "Q3_K_M": "MOSTLY_Q3_K_M",
+               "Q3_K_L": "MOSTLY_Q3_K_L", "Q4_K_S": "MOSTLY_Q4_K_S", "Q4_K_M": "MOSTLY_Q4_K_M",
+               "Q5_K_M": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "Q4_0": "MOSTLY_Q4_0",
+               "Q8_0": "MOSTLY_Q8_0"}
+
+
+def write_gguf(qm: QuantizedModel, out_path: str | Path, *, force: bool = False,
+               preset: str | None = None) -> Path:
+    """Write ``qm`` as a GGUF llama.cpp loads; returns the path.
+
+    ``preset``: the --type the model was quantized for (recorded as general.file_type).
+    Dropped tensors (see the module doc) are reported with ``warnings.warn``; ``plan_gguf`` lists
+    them without writing.
+    """
+    out = Path(out_path)
+    if out.exists() and not force:
+        raise D2Error(f"output {out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise D2Error(f"output folder {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise D2Error(f"cannot write to {out.parent}; choose a writable output path")
+    plan = plan_gguf(qm)
+    for w in plan.warnings:
+        warnings.warn(w, stacklevel=2)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, plan.layout.name)
+        add_tokenizer(writer, qm)  # first: a GGUF source's general.* fields, then ours on top
+        write_hparams(writer, qm.spec, plan.layout)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if preset is not None:
+            if preset not in _FILE_TYPES:
+                raise D2Error(f"unknown GGUF type {preset!r}; choose one of {', '.join(_FILE_TYPES)}")
+            writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[preset]])
+        writer.add_string("general.quantized_by", "d2export")
+        writer.add_string("d2export.recipe", json.dumps(qm.recipe, sort_keys=True, default=str))
+        for gname in sorted(plan.sources, key=_order):
+            data, raw_dtype = _tensor_data(qm, plan, gname)
+            writer.add_tensor(gname, data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

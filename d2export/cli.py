@@ -1,0 +1,180 @@
+"""d2export: calibrate LLMs below 4 bits with D²Quant and ship them to GGUF and ONNX."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from functools import wraps
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from d2export.calibrate import (Calib, CalibOptions, Dac, Damp, Device, Dsq, DsqForm, Force, Method,
+                                ModelArg, NSamples, Rotate, SeqLen, Seed, calibrate, console,
+                                load_or_calibrate)
+from converters.gguf.presets import PRESETS
+from d2quant.errors import D2Error
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help=__doc__)
+
+
+def _friendly(fn):
+    """One clear line and exit status 2 for user errors, instead of a traceback."""
+
+    @wraps(fn)
+    def run(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except D2Error as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2)
+    return run
+
+
+def _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp) -> CalibOptions:
+    return CalibOptions(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp)
+
+
+@app.command()
+@_friendly
+def quantize(
+    model: ModelArg = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint directory to write")] = Path("d2quant-ckpt"),
+    bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8")] = 3,
+    group_size: Annotated[int, typer.Option(help="weights per quantization group along the input")] = 64,
+    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 128, seqlen: SeqLen = 512,
+    seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dsq_form: DsqForm = "rbin",
+    dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
+):
+    """Calibrate MODEL and save a quantized checkpoint (codes + grid params + folded biases)."""
+    if output.exists() and not force:
+        raise D2Error(f"output {output} exists; pass --force to overwrite it")
+    qm = calibrate(model, _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac,
+                                rotate, damp), bits, group_size)
+    qm.save(output, force=force)
+    console.print(f"saved checkpoint to [bold]{output}[/]")
+
+
+@app.command("eval")
+@_friendly
+def eval_(
+    target: Annotated[str | None, typer.Argument(help="source model, checkpoint, .gguf or ONNX dir")] = None,
+    text: Annotated[Path, typer.Option(help="evaluation text file")] = DEFAULT_TEXT,
+    ctx: Annotated[int, typer.Option(help="tokens per window")] = 512,
+    max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many windows")] = None,
+    backend: Annotated[str, typer.Option(help="auto | torch | llamacpp | onnxruntime")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+):
+    """Perplexity of TARGET over non-overlapping windows of TEXT."""
+    from d2quant.data import read_text
+    from d2quant.evaluate import perplexity
+    from runtime_tests.targets import open_backend
+
+    body = read_text(text)
+    be = open_backend(target, backend)
+    with console.status(f"perplexity ({be.name})") as st:
+        res = perplexity(be, body, ctx=ctx, max_windows=max_windows,
+                         on_window=lambda i, n: st.update(f"perplexity ({be.name}) window {i}/{n}"))
+    out = {"ppl": res.ppl, "nll": res.nll, "tokens": res.tokens, "windows": res.windows,
+           "backend": res.backend, "target": target or "smollm2-135m", "ctx": ctx}
+    if as_json:
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        console.print(f"perplexity [bold]{res.ppl:.3f}[/] over {res.tokens} tokens "
+                      f"({res.windows} windows of {ctx}, {res.backend})")
+
+
+@app.command()
+@_friendly
+def gguf(
+    model: ModelArg = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="GGUF file to write")] = None,
+    type_: Annotated[str, typer.Option("--type", help="GGUF preset: " + " | ".join(PRESETS))] = "Q3_K_M",
+    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 128, seqlen: SeqLen = 512,
+    seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dac: Dac = True,
+    rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run llama.cpp parity after writing")] = True,
+):
+    """Calibrate MODEL onto llama.cpp's native block types of a preset and write a GGUF."""
+    from converters.gguf import preset_grids, write_gguf
+
+    if type_ not in PRESETS:
+        raise D2Error(f"unknown --type {type_!r}; choose one of {', '.join(PRESETS)}")
+    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{type_}.gguf")
+    if output.exists() and not force:
+        raise D2Error(f"output {output} exists; pass --force to overwrite it")
+    opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, "dual", dac, rotate, damp)
+
+    def policy(spec):
+        if spec.arch == "qwen3" and opts.method == "d2quant" and opts.dac:
+            raise D2Error("llama.cpp's qwen3 architecture cannot hold DAC's ffn biases; "
+                          "pass --no-dac to export Qwen3 to GGUF")
+        return preset_grids(type_, spec)
+    qm = load_or_calibrate(model, opts, 4, 32, policy)  # the preset names every tensor's grid
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_gguf(qm, output, force=force, preset=type_)
+    for w in caught:
+        console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    console.print(f"wrote [bold]{output}[/] ({output.stat().st_size / 2**20:.1f} MiB)")
+    if verify:
+        _report_verify(_verify_target(str(output), qm))
+
+
+@app.command("verify")
+@_friendly
+def verify_(
+    target: Annotated[str, typer.Argument(help=".gguf file or ONNX folder written by d2export")],
+    reference: Annotated[str, typer.Option(help="the checkpoint (or source model) it was made from")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+):
+    """Runtime parity: decoded weights equal the quantized model's; runtime logits match torch's."""
+    from d2quant.qmodel import QuantizedModel, is_checkpoint
+
+    if not is_checkpoint(reference):
+        raise D2Error(f"--reference {reference} is not a d2export checkpoint; pass the directory "
+                      "`d2export quantize` wrote (or export from a checkpoint to keep one)")
+    res = _verify_target(target, QuantizedModel.load(reference))
+    if as_json:
+        sys.stdout.write(json.dumps(res, default=float) + "\n")
+    else:
+        _report_verify(res)
+    if not res["pass"]:
+        raise typer.Exit(1)
+
+
+def _verify_target(target: str, qm) -> dict:
+    from runtime_tests.targets import target_kind
+
+    kind = target_kind(target)
+    text = Path(DEFAULT_TEXT).read_text() if Path(DEFAULT_TEXT).is_file() else None
+    if kind == "gguf":
+        from runtime_tests.llamacpp import verify_gguf
+        with console.status("llama.cpp parity"):
+            return verify_gguf(target, qm, text=text)
+    if kind == "onnx":
+        from runtime_tests.onnxrt import verify_onnx
+        with console.status("onnxruntime parity"):
+            return verify_onnx(target, qm)
+    raise D2Error(f"{target} is neither a .gguf file nor an ONNX folder written by d2export")
+
+
+def _report_verify(res: dict) -> None:
+    t = Table(title=f"runtime parity: {'PASS' if res['pass'] else 'FAIL'}")
+    t.add_column("check")
+    t.add_column("value", justify="right")
+    for section in ("weights", "logits", "kv_cache", "generation", "dropped_cost"):
+        for k, v in (res.get(section) or {}).items():
+            if isinstance(v, (int, float, bool, str)) and not isinstance(v, dict):
+                t.add_row(f"{section}.{k}", f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app()

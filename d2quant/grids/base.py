@@ -1,0 +1,128 @@
+"""The grid contract: the set of values a block of weights may take.
+
+A grid quantizes a weight matrix W [rows=N out-features, cols=K in-features] along K in
+*fit units* of ``group`` columns. Every grid parameter tensor has shape [N or 1, n_groups, ...]
+once stacked over groups (leading 1 = shared by all rows, e.g. a per-column scale).
+
+The GPTQ solver calls :meth:`fit` when its column loop reaches a group's first column (on the
+error-updated weights), then :meth:`quantize`/:meth:`dequantize` column by column. RTN is the
+same calls without error feedback. Converters read codes and params and pack them; a grid knows
+its parameters' storage precision and rounds them in ``fit`` so what the solver sees is what any
+file can store exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from d2quant.errors import D2Error
+
+Params = dict[str, torch.Tensor]
+
+_REGISTRY: dict[str, type["Grid"]] = {}
+
+
+class Grid(ABC):
+    """One grid family. Subclasses set ``kind`` and are registered by it."""
+
+    kind: ClassVar[str] = ""
+    group: int
+    bits: int
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.kind:
+            _REGISTRY[cls.kind] = cls
+
+    # ---- identity -------------------------------------------------------------------------
+    @abstractmethod
+    def spec(self) -> dict:
+        """JSON-able constructor arguments plus ``kind``; ``grid_from_spec(g.spec())`` rebuilds it."""
+
+    def __repr__(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.spec().items() if k != "kind")
+        return f"{self.kind}({args})"
+
+    def check_shape(self, n_rows: int, n_cols: int) -> None:
+        """Raise D2Error if a [n_rows, n_cols] weight cannot live on this grid."""
+
+    # ---- per-group operations used by the solver -------------------------------------------
+    @abstractmethod
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        """Parameters for one group: w is [N, g] (g = group, or fewer for a last partial group).
+
+        importance: optional [g] weights per column (e.g. diag of the Hessian) for the fit error.
+        Returned tensors have shape [N or 1, ...] (no group axis).
+        """
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
+        """Codes (int16 tensor, same shape) for columns col0.. of the group that p belongs to."""
+
+    @abstractmethod
+    def dequantize(self, q: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
+        """Float32 values of codes q for columns col0.. of the group."""
+
+    def scale_rows(self, p: Params, c: torch.Tensor) -> Params:
+        """Params whose dequantized rows are multiplied by c [N] (rounded to storage precision).
+
+        Used to fold DSQ's per-input-column scale of down_proj into up_proj's rows.
+        """
+        raise D2Error(f"grid {self!r} cannot absorb a row scale")
+
+    # ---- whole-matrix helpers (RTN, checkpoint, converters) ---------------------------------
+    def n_groups(self, n_cols: int) -> int:
+        return math.ceil(n_cols / self.group)
+
+    def quantize_matrix(self, w: torch.Tensor) -> tuple[torch.Tensor, Params]:
+        """Round-to-nearest: codes [N, K] and params stacked over groups."""
+        codes, per_group = [], []
+        for g0 in range(0, w.shape[1], self.group):
+            blk = w[:, g0:g0 + self.group]
+            p = self.fit(blk)
+            per_group.append(p)
+            codes.append(self.quantize(blk, p))
+        return torch.cat(codes, 1), stack_params(per_group)
+
+    def dequantize_matrix(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
+        out = []
+        for gi, g0 in enumerate(range(0, codes.shape[1], self.group)):
+            out.append(self.dequantize(codes[:, g0:g0 + self.group], group_params(params, gi)))
+        return torch.cat(out, 1)
+
+
+def stack_params(per_group: list[Params]) -> Params:
+    """[N, ...] per group -> [N, G, ...]; a last partial group is zero-padded on trailing axes."""
+    out: Params = {}
+    for k in per_group[0]:
+        ts = [p[k] for p in per_group]
+        if len({t.shape for t in ts}) > 1:
+            full = max(t.shape[-1] for t in ts)
+            ts = [torch.nn.functional.pad(t, (0, full - t.shape[-1])) for t in ts]
+        out[k] = torch.stack(ts, 1)
+    return out
+
+
+def group_params(params: Params, gi: int) -> Params:
+    return {k: v[:, gi] for k, v in params.items()}
+
+
+def grid_from_spec(spec: dict) -> Grid:
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind not in _REGISTRY:
+        raise D2Error(f"unknown grid kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[kind](**spec)
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Storage precision of GGML and (our) MatMulNBits scales, kept in float32."""
+    return x.to(torch.float16).to(torch.float32)

@@ -1,0 +1,334 @@
+"""Layer-by-layer calibration: source model + calibration tokens -> QuantizedModel.
+
+Order inside each decoder layer (inputs are the outputs of the already-quantized layers):
+  A. H_qkv on the input norm's output; DAC teacher = post-attention norm output with FP attention.
+  B. quantize q, k, v; H_o on the attention context with quantized q/k/v.
+  C. quantize o; student post-attention norm output -> DAC bias b; H_gate_up on (output + b).
+  D. quantize gate, up; H_down on their quantized product; quantize down (DSQ); fold its column
+     scale into up_proj rows and b into gate/up biases (b' = W_hat b).
+  E. the layer's outputs with all quantized weights become the next layer's inputs.
+After the last layer: DAC on the final norm, folded into an lm_head bias.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from d2quant import rotation
+from d2quant.errors import D2Error
+from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
+                           round_to_fp16, strip_col_scale)
+from d2quant.qmodel import QuantizedLinear, QuantizedModel, set_linear
+from d2quant.solver import gptq, rtn, single_thread
+from d2quant.sources import Source
+
+METHODS = ("rtn", "gptq", "d2quant")
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class QuantConfig:
+    method: str = "d2quant"  # rtn | gptq | d2quant
+    bits: int = 3
+    group_size: int = 64
+    dsq: bool = True  # d2quant only: dual-scale quantizer on down_proj at <= 3 bits
+    dsq_form: str = "rbin"  # rbin: the paper's residual-binary grid; dual: column scale on the grid
+    dac: bool = True  # d2quant only: deviation-aware bias on post-attention and final norms
+    rotate: bool = False
+    damp: float = 0.01
+    device: str = "auto"
+    batch: int = 8  # calibration samples per forward
+    # per-tensor grid specs by linear name (GGUF presets); None keeps that tensor in float (F16)
+    grids: dict[str, dict | None] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise D2Error(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.bits not in (2, 3, 4, 8):
+            raise D2Error(f"--bits must be 2, 3, 4 or 8, got {self.bits}")
+        g = self.group_size
+        if g < 16 or g > 1024 or g & (g - 1):
+            raise D2Error(f"--group-size must be a power of two from 16 to 1024 (runtimes need it), got {g}")
+        if self.dsq_form not in ("rbin", "dual"):
+            raise D2Error(f"--dsq-form must be rbin or dual, got {self.dsq_form!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise D2Error(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def uses_dsq(self) -> bool:
+        return self.method == "d2quant" and self.dsq
+
+    @property
+    def uses_dac(self) -> bool:
+        return self.method == "d2quant" and self.dac
+
+    def torch_device(self) -> torch.device:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise D2Error("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def grid_for(self, name: str, n: int, k: int) -> Grid:
+        spec = self.grids.get(name) or UniformGrid(self.bits, self.group_size).spec()
+        grid = grid_from_spec(spec)
+        if self.uses_dsq and name.endswith("mlp.down_proj") and grid.bits <= 3:
+            if self.dsq_form == "rbin" and isinstance(grid, UniformGrid):
+                grid = ResidualBinaryGrid(grid.bits, grid.group)
+            else:
+                grid = DualScaleGrid(spec)
+        grid.check_shape(n, k)
+        return grid
+
+
+class _Moments:
+    """Running X^T X, sum(x) and count of a layer input, so H for (x + b) is exact for any later b."""
+
+    def __init__(self, k: int, device):
+        self.xtx = torch.zeros(k, k, device=device, dtype=torch.float64)
+        self.sum = torch.zeros(k, device=device, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx += (x.T @ x).double()  # fp32 products per batch, fp64 running sum
+        self.sum += x.sum(0).double()
+        self.n += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / self.n).float()
+
+    def hessian(self, shift: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.xtx
+        if shift is not None:
+            b, s = shift.double(), self.sum
+            h = h + torch.outer(b, s) + torch.outer(s, b) + self.n * torch.outer(b, b)
+        return (2 * h / self.n).float()
+
+
+def _causal_mask(t: int, device) -> torch.Tensor:
+    return torch.full((t, t), float("-inf"), device=device).triu(1)[None, None]
+
+
+def _token_mean(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double().mean(0).float()
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Calibrator:
+    def __init__(self, src: Source, cfg: QuantConfig, on_layer: Callable[[int, dict], None] | None):
+        self.src, self.cfg = src, cfg
+        self.model = src.model
+        self.dev = cfg.torch_device()
+        self.on_layer = on_layer or (lambda i, s: None)
+        self.linears: dict[str, QuantizedLinear] = {}
+        self.report: dict = {"layers": []}
+
+    # ---- one linear ----------------------------------------------------------------------
+    def _solve(self, name: str, lin: torch.nn.Linear, h: torch.Tensor | None) -> float:
+        """Quantize one linear in place; returns its Hessian-weighted relative error."""
+        w = lin.weight.detach().float()
+        if name in self.cfg.grids and self.cfg.grids[name] is None:
+            # a preset keeps this tensor in float (rows no block fits): stored as F16, so round to it
+            lin.weight.data.copy_(round_to_fp16(w).to(lin.weight.dtype))
+            return 0.0
+        grid = self.cfg.grid_for(name, *w.shape)
+        with single_thread():
+            s = rtn(w, grid, h) if self.cfg.method == "rtn" or h is None else \
+                gptq(w, h, grid, damp=self.cfg.damp)
+        lin.weight.data.copy_(s.weight.to(lin.weight.dtype))
+        bias = getattr(lin, "bias", None)  # embeddings have none
+        bias = None if bias is None else bias.detach().float().cpu()
+        self.linears[name] = QuantizedLinear(grid, s.codes.cpu(), {k: v.cpu() for k, v in s.params.items()}, bias)
+        return s.error
+
+    def _fold_col_scale(self, prefix: str, mlp) -> None:
+        """Move down_proj's column scale c into up_proj rows: down(silu(g) * c*u) == (down*c)(silu(g)*u)."""
+        down, up = self.linears[prefix + "down_proj"], self.linears[prefix + "up_proj"]
+        grid, params, c = strip_col_scale(down.grid, down.params)
+        if c is None:
+            return
+        c = c[:down.shape[1]]
+        up.params = up.grid.scale_rows(up.params, c)
+        self.linears[prefix + "down_proj"] = QuantizedLinear(grid, down.codes, params, down.bias)
+        mlp.up_proj.weight.data.copy_(up.weight().to(self.dev))
+        mlp.down_proj.weight.data.copy_(self.linears[prefix + "down_proj"].weight().to(self.dev))
+
+    def _fold_dac(self, prefix: str, mlp, b: torch.Tensor) -> None:
+        for nm in ("gate_proj", "up_proj"):
+            ql = self.linears[prefix + nm]
+            extra = ql.weight() @ b.cpu()
+            ql.bias = extra if ql.bias is None else ql.bias + extra
+            set_linear(mlp, nm, getattr(mlp, nm).weight.data, ql.bias.to(self.dev))
+
+    # ---- one decoder layer ----------------------------------------------------------------
+    @torch.no_grad()
+    def _layer(self, i: int, layer, x: list[torch.Tensor], pe, mask) -> tuple[list[torch.Tensor], dict]:
+        t0 = time.time()
+        p = f"model.layers.{i}."
+        attn, mlp, cfg = layer.self_attn, layer.mlp, self.cfg
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        hid = x[0].shape[-1]
+        err = {}
+
+        def run_attn(xb):
+            return attn(hidden_states=n1(xb), position_embeddings=pe, attention_mask=mask)[0]
+
+        # A: H for q/k/v; DAC teacher with full-precision attention on the quantized stream
+        m_qkv, teacher = _Moments(hid, self.dev), torch.zeros(hid, dtype=torch.float64, device=self.dev)
+        for xb in x:
+            m_qkv.add(n1(xb))
+            if cfg.uses_dac:
+                teacher += n2(xb + run_attn(xb)).reshape(-1, hid).double().sum(0)
+        h = m_qkv.hessian()
+        for nm in ATTN[:3]:
+            err[nm] = self._solve(p + "self_attn." + nm, getattr(attn, nm), h)
+        # B: H for o on the context of quantized q/k/v
+        ctx: list[torch.Tensor] = []
+        hook = attn.o_proj.register_forward_hook(lambda mod, inp, out: ctx.append(inp[0]))
+        for xb in x:
+            run_attn(xb)
+        hook.remove()
+        m_o = _Moments(ctx[0].shape[-1], self.dev)
+        for c in ctx:
+            m_o.add(c)
+        err["o_proj"] = self._solve(p + "self_attn.o_proj", attn.o_proj, m_o.hessian())
+        # C: student norm output, DAC bias, H for gate/up on the corrected activations
+        hs = [xb + attn.o_proj(c) for xb, c in zip(x, ctx)]
+        del ctx
+        m_gu = _Moments(hid, self.dev)
+        for hb in hs:
+            m_gu.add(n2(hb))
+        b = None
+        stats = {}
+        if cfg.uses_dac:
+            b = (teacher / m_gu.n).float() - m_gu.mean()
+            rms = (torch.diagonal(m_gu.xtx).sum() / (m_gu.n * hid)).sqrt().float()
+            stats["dac_shift"] = float(b.norm() / math.sqrt(hid) / rms)
+        h = m_gu.hessian(b)
+        for nm in MLP[:2]:
+            err[nm] = self._solve(p + "mlp." + nm, getattr(mlp, nm), h)
+        # D: H for down on the quantized gate/up product
+        m_d = _Moments(mlp.down_proj.weight.shape[1], self.dev)
+        shift = 0 if b is None else b
+        for hb in hs:
+            m = n2(hb) + shift
+            m_d.add(mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m))
+        err["down_proj"] = self._solve(p + "mlp.down_proj", mlp.down_proj, m_d.hessian())
+        self._fold_col_scale(p + "mlp.", mlp)
+        if b is not None:
+            self._fold_dac(p + "mlp.", mlp, b)
+        # E: outputs of the quantized layer
+        out = [hb + mlp(n2(hb)) for hb in hs]
+        stats.update({"layer": i, "seconds": round(time.time() - t0, 2),
+                      "error": {k: round(v, 5) for k, v in err.items()}})
+        return out, stats
+
+
+    @torch.no_grad()
+    def run(self, calib: torch.Tensor | None) -> QuantizedModel:
+        cfg, model, t0 = self.cfg, self.model, time.time()
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        spec = self.src.spec
+        if cfg.rotate:
+            self.report["rotation_block"] = rotation.rotate(model)
+            spec.tie_embeddings = False
+            spec.hf_config["tie_word_embeddings"] = False
+        layers = model.model.layers
+        final_bias = None
+        if cfg.method == "rtn":
+            for i, layer in enumerate(layers):
+                lt = time.time()
+                err = {nm: self._solve(f"model.layers.{i}.{grp}.{nm}", getattr(getattr(layer, grp), nm), None)
+                       for grp, names in (("self_attn", ATTN), ("mlp", MLP)) for nm in names}
+                self._fold_col_scale(f"model.layers.{i}.mlp.", layer.mlp)
+                stats = {"layer": i, "seconds": round(time.time() - lt, 2),
+                         "error": {k: round(v, 5) for k, v in err.items()}}
+                self.report["layers"].append(stats)
+                self.on_layer(i, stats)
+        else:
+            if calib is None:
+                raise D2Error(f"--method {cfg.method} needs calibration data")
+            final_bias = self._calibrate_layers(calib)
+        head_bias = self._head(final_bias)
+        self.report["seconds"] = round(time.time() - t0, 1)
+        self.report["peak_mem_mb"] = round(_peak_mem_mb(self.dev), 1)
+        return self._build(spec, head_bias)
+
+    def _calibrate_layers(self, calib: torch.Tensor) -> torch.Tensor | None:
+        model, cfg, dev = self.model, self.cfg, self.dev
+        inner = model.model
+        inner.embed_tokens.to(dev)
+        inner.norm.to(dev)
+        batches = [calib[i:i + cfg.batch].to(dev) for i in range(0, calib.shape[0], cfg.batch)]
+        teacher_final = None
+        if cfg.uses_dac:  # the final norm's teacher: the full-precision model on the same tokens
+            model.to(dev)
+            teacher_final = _token_mean([inner(input_ids=b, use_cache=False).last_hidden_state
+                                         for b in batches])
+        x = [inner.embed_tokens(b) for b in batches]
+        t = calib.shape[1]
+        pos = torch.arange(t, device=dev)[None]
+        pe = inner.rotary_emb(x[0], pos)
+        mask = _causal_mask(t, dev)
+        for i, layer in enumerate(inner.layers):
+            layer.to(dev)
+            x, stats = self._layer(i, layer, x, pe, mask)
+            self.report["layers"].append(stats)
+            self.on_layer(i, stats)
+        if teacher_final is None:
+            return None
+        b = teacher_final - _token_mean([inner.norm(xb) for xb in x])
+        self.report["final_dac_shift"] = float(b.norm() / math.sqrt(b.numel()))
+        return b
+
+    def _head(self, final_bias: torch.Tensor | None) -> torch.Tensor | None:
+        """Quantize embeddings / lm_head when a preset asks (RTN) and fold the final DAC shift.
+
+        Returns the lm_head bias when lm_head stays float (it then lives in the float tensors).
+        """
+        model = self.model.cpu()
+        emb, head = model.model.embed_tokens, model.lm_head
+        tied = head.weight is emb.weight
+        if "model.embed_tokens" in self.cfg.grids:
+            self._solve("model.embed_tokens", emb, None)
+        if "lm_head" in self.cfg.grids and not tied:
+            self._solve("lm_head", head, None)
+        if final_bias is None:
+            return None
+        b = final_bias.cpu() @ head.weight.detach().float().T
+        if "lm_head" in self.linears:
+            self.linears["lm_head"].bias = b
+            return None
+        return b
+
+    def _build(self, spec, head_bias: torch.Tensor | None) -> QuantizedModel:
+        model = self.model.cpu()
+        skip = set()
+        for name in self.linears:
+            skip |= {name + ".weight", name + ".bias"}
+        tensors = {n: p.detach().float().clone() for n, p in model.named_parameters() if n not in skip}
+        if head_bias is not None:
+            tensors["lm_head.bias"] = head_bias
+        return QuantizedModel(spec=spec, linears=self.linears, tensors=tensors,
+                              recipe=asdict(self.cfg), report=self.report,
+                              source=dict(self.src.info), tokenizer=self.src.tokenizer)
+
+
+def quantize(src: Source, calib: torch.Tensor | None, cfg: QuantConfig,
+             on_layer: Callable[[int, dict], None] | None = None) -> QuantizedModel:
+    """Calibrate ``src.model`` in place and return the quantized model."""
+    return Calibrator(src, cfg, on_layer).run(calib)

@@ -1,0 +1,220 @@
+"""The quantized model: integer codes + grid parameters + folded biases, one object.
+
+It is the contract between calibration and the converters: converters read only this object
+(or the checkpoint it saves). ``to_torch()`` rebuilds a transformers model whose weights are
+exactly the dequantized codes — the model we evaluate and the reference for runtime parity.
+
+Tensor names follow transformers' LLaMA-family module names ("model.layers.3.mlp.down_proj").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from d2quant.errors import D2Error
+from d2quant.grids import Grid, Params, grid_from_spec
+
+CHECKPOINT_FORMAT = "d2export-checkpoint"
+CHECKPOINT_VERSION = 1
+
+SUPPORTED_ARCHS = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclass
+class ModelSpec:
+    """Architecture facts every stage needs; ``hf_config`` rebuilds the transformers model."""
+
+    arch: str  # llama | mistral | qwen2 | qwen3
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    rope_theta: float
+    rms_eps: float
+    tie_embeddings: bool
+    max_positions: int
+    hf_config: dict = field(repr=False)
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> "ModelSpec":
+        # a config made from a GGUF file has no `architectures`; its model_type names the family
+        archs = getattr(cfg, "architectures", None) or []
+        by_type = {v: k for k, v in SUPPORTED_ARCHS.items()}
+        if not archs and cfg.model_type in by_type:
+            archs = cfg.architectures = [by_type[cfg.model_type]]
+        arch = next((SUPPORTED_ARCHS[a] for a in archs if a in SUPPORTED_ARCHS), None)
+        if arch is None:
+            raise D2Error(f"unsupported architecture {archs or cfg.model_type!r}; supported: "
+                          f"{', '.join(SUPPORTED_ARCHS)}")
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        return cls(
+            arch=arch, hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
+            heads=cfg.num_attention_heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            ffn=cfg.intermediate_size, vocab=cfg.vocab_size, rope_theta=float(theta),
+            rms_eps=float(cfg.rms_norm_eps), tie_embeddings=bool(cfg.tie_word_embeddings),
+            max_positions=int(getattr(cfg, "max_position_embeddings", 2048)),
+            hf_config=cfg.to_dict())
+
+    def hf(self):
+        from transformers import AutoConfig
+
+        d = dict(self.hf_config)
+        model_type = d.pop("model_type")
+        return AutoConfig.for_model(model_type, **d)
+
+
+@dataclass
+class QuantizedLinear:
+    grid: Grid
+    codes: torch.Tensor  # int16 [N, K]
+    params: Params  # stacked over groups: [N or 1, G, ...]
+    bias: torch.Tensor | None = None  # float32 [N]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def weight(self) -> torch.Tensor:
+        return self.grid.dequantize_matrix(self.codes, self.params)
+
+
+@dataclass
+class QuantizedModel:
+    spec: ModelSpec
+    linears: dict[str, QuantizedLinear]
+    tensors: dict[str, torch.Tensor]  # everything kept in float: embeddings, norms, lm_head
+    recipe: dict  # how it was made (QuantConfig as dict)
+    report: dict = field(default_factory=dict)  # per-layer errors, DAC shifts, timings
+    source: dict = field(default_factory=dict)  # {"kind": "gguf"|"hf", "path": ...}
+    tokenizer: object | None = None  # a transformers tokenizer
+
+    # ---- torch ---------------------------------------------------------------------------
+    def to_torch(self, dtype: torch.dtype = torch.float32):
+        """A transformers model whose linear weights are exactly the dequantized codes."""
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.spec.hf()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        state = {k: v.to(dtype) for k, v in self.tensors.items() if not k.startswith("lm_head.")}
+        model.load_state_dict(state, strict=False, assign=True)
+        for name, ql in self.linears.items():  # an embedding is set the same way as a linear
+            set_linear(model, name, ql.weight().to(dtype), ql.bias)
+        if "lm_head" not in self.linears:
+            if "lm_head.weight" in self.tensors or "lm_head.bias" in self.tensors:
+                w = self.tensors.get("lm_head.weight")
+                w = model.model.embed_tokens.weight.detach() if w is None else w.to(dtype)
+                set_linear(model, "lm_head", w, self.tensors.get("lm_head.bias"))
+            elif self.spec.tie_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # off the meta device
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise D2Error(f"quantized model lacks tensors {missing[:3]}...; the checkpoint is incomplete")
+        return model.eval()
+
+    # ---- checkpoint ----------------------------------------------------------------------
+    def save(self, out_dir: str | Path, force: bool = False) -> Path:
+        out = Path(out_dir)
+        if out.exists() and not force:
+            raise D2Error(f"output {out} exists; pass --force to overwrite it")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+        try:
+            flat: dict[str, torch.Tensor] = {}
+            lin_meta = {}
+            for name, ql in self.linears.items():
+                flat[f"{name}.codes"] = ql.codes.to(torch.uint8)
+                for k, v in ql.params.items():
+                    flat[f"{name}.{k}"] = v.float()
+                if ql.bias is not None:
+                    flat[f"{name}.bias"] = ql.bias.float()
+                lin_meta[name] = {"grid": ql.grid.spec(), "params": sorted(ql.params),
+                                  "bias": ql.bias is not None}
+            for k, v in self.tensors.items():
+                flat[k] = v.float().contiguous()
+            save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp / "model.safetensors"))
+            manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                        "spec": asdict(self.spec), "linears": lin_meta,
+                        "tensors": sorted(self.tensors), "recipe": self.recipe,
+                        "report": self.report, "source": self.source}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantizedModel":
+        path = Path(path)
+        mf = path / "manifest.json"
+        if not mf.is_file():
+            raise D2Error(f"{path} is not a d2export checkpoint (no manifest.json); "
+                          "make one with `d2export quantize`")
+        try:
+            manifest = json.loads(mf.read_text())
+            flat = load_file(str(path / "model.safetensors"))
+        except Exception as e:  # corrupt json or safetensors
+            raise D2Error(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); re-run quantize")
+        if manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("version") != CHECKPOINT_VERSION:
+            raise D2Error(f"checkpoint {path} has format {manifest.get('format')} version "
+                          f"{manifest.get('version')}; this d2export reads version {CHECKPOINT_VERSION}")
+        linears = {}
+        for name, meta in manifest["linears"].items():
+            linears[name] = QuantizedLinear(
+                grid=grid_from_spec(meta["grid"]), codes=flat[f"{name}.codes"].to(torch.int16),
+                params={k: flat[f"{name}.{k}"] for k in meta["params"]},
+                bias=flat.get(f"{name}.bias") if meta["bias"] else None)
+        tokenizer = None
+        if (path / "tokenizer").is_dir():
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+        return cls(spec=ModelSpec(**manifest["spec"]), linears=linears,
+                   tensors={k: flat[k] for k in manifest["tensors"]}, recipe=manifest["recipe"],
+                   report=manifest.get("report", {}), source=manifest.get("source", {}),
+                   tokenizer=tokenizer)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def set_linear(model: torch.nn.Module, name: str, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> None:
+    """Put weight (and bias, adding one if the module has none) into the nn.Linear at ``name``."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    n, k = weight.shape
+    if bias is not None and getattr(old, "bias", None) is None:
+        new = torch.nn.Linear(k, n, bias=True, device="meta")
+        setattr(parent, attr, new)
+        old = new
+    old.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is not None:
+        old.bias = torch.nn.Parameter(bias.to(weight.dtype).contiguous(), requires_grad=False)
+    elif getattr(old, "bias", None) is not None and old.bias.is_meta:
+        old.bias = torch.nn.Parameter(torch.zeros(n, dtype=weight.dtype), requires_grad=False)

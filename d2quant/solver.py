@@ -1,0 +1,99 @@
+"""GPTQ column solver over any grid, and round-to-nearest on the same grids.
+
+The solver quantizes each column onto the grid that will be written, fitting a group's parameters
+when the column loop reaches its first column (from the error-updated weights), so the result is
+exactly representable by the target format.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from d2quant.errors import D2Error
+from d2quant.grids import Grid, Params, stack_params
+
+
+@dataclass
+class Solved:
+    codes: torch.Tensor  # int16 [N, K]
+    params: Params  # stacked over groups
+    weight: torch.Tensor  # float32 [N, K], exactly grid.dequantize_matrix(codes, params)
+    error: float  # Hessian-weighted relative error tr(E H E^T) / tr(W H W^T)
+
+
+@contextmanager
+def single_thread():
+    """The solver's small matrices and column ops run faster on one thread, and many times faster
+    when the cores are shared (OpenMP threads spin on each other): 0.75 s vs 12 s for one
+    1536x1536 Cholesky on this 2-core machine under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> float:
+    e = (q - w).double()
+    if h is None:
+        return float((e.norm() / w.double().norm().clamp(min=1e-30)) ** 2)
+    h = h.double()
+    num = torch.einsum("nk,kl,nl->", e, h, e)
+    den = torch.einsum("nk,kl,nl->", w.double(), h, w.double())
+    return float(num / den.clamp(min=1e-30))
+
+
+def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None) -> Solved:
+    codes, params = grid.quantize_matrix(w.float())
+    q = grid.dequantize_matrix(codes, params)
+    return Solved(codes, params, q, weighted_error(w, q, h))
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
+         block: int = 128) -> Solved:
+    """GPTQ (Frantar et al.) with lazy block updates; groups never straddle a block."""
+    w = w.detach().float().clone()
+    n, k = w.shape
+    h = h.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h_raw = h.clone()
+    h_orig_diag = torch.diag(h_raw)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, device=h.device)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch._C._LinAlgError:
+        raise D2Error("the Hessian is not positive definite even after damping; raise --damp "
+                      "or use more calibration samples")
+    g = grid.group
+    block = g * max(1, block // g)
+    codes = torch.zeros(n, k, dtype=torch.int16, device=w.device)
+    q_all = torch.zeros_like(w)
+    per_group: list[Params] = []
+    w_in = w.clone()
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        p = None
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                p = grid.fit(w1[:, i:i + g], h_orig_diag[col:col + g])
+                per_group.append(p)
+            wc = w1[:, i]
+            qc = grid.quantize(wc, p, col % g)
+            dq = grid.dequantize(qc, p, col % g)
+            codes[:, col] = qc
+            q_all[:, col] = dq
+            e = (wc - dq) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return Solved(codes, stack_params(per_group), q_all, weighted_error(w_in, q_all, h_raw))

