@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Annotated, Callable
 
@@ -15,7 +16,8 @@ from d2quant.pipeline import QuantConfig, quantize
 from d2quant.qmodel import ModelSpec, QuantizedModel, is_checkpoint
 from d2quant.sources import load_source
 
-console = Console(stderr=True)
+# logs and CI (no terminal) get a table wide enough for the per-layer summary
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 # Options shared by `quantize`, `gguf` and `onnx` (typer reads them from the signatures).
 ModelArg = Annotated[str | None, typer.Argument(
@@ -63,12 +65,14 @@ def calibrate(model: str | None, opts: CalibOptions, bits: int, group_size: int,
 
     grids: per-tensor grid specs made from the model's spec (a GGUF preset), else uniform grids.
     """
-    with console.status("loading model"):
-        src = load_source(model)
     qcfg = QuantConfig(method=opts.method, bits=bits, group_size=group_size, dsq=opts.dsq,
                        dsq_form=opts.dsq_form, dac=opts.dac, rotate=opts.rotate, damp=opts.damp,
-                       device=opts.device, grids=grids(src.spec) if grids else {})
+                       device=opts.device)
     ccfg = CalibConfig(calib=opts.calib, nsamples=opts.nsamples, seqlen=opts.seqlen, seed=opts.seed)
+    with console.status("loading model"):
+        src = load_source(model)
+    if grids:
+        qcfg.grids = grids(src.spec)
     tokens = None
     if qcfg.method != "rtn":
         with console.status(f"calibration data ({ccfg.calib}: {ccfg.nsamples} x {ccfg.seqlen} tokens)"):

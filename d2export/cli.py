@@ -48,7 +48,7 @@ def quantize(
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint directory to write")] = Path("d2quant-ckpt"),
     bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8")] = 3,
     group_size: Annotated[int, typer.Option(help="weights per quantization group along the input")] = 64,
-    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 128, seqlen: SeqLen = 512,
+    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
     seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dsq_form: DsqForm = "rbin",
     dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
 ):
@@ -77,7 +77,7 @@ def eval_(
     from runtime_tests.targets import open_backend
 
     body = read_text(text)
-    be = open_backend(target, backend)
+    be = open_backend(target, backend, ctx=ctx)
     with console.status(f"perplexity ({be.name})") as st:
         res = perplexity(be, body, ctx=ctx, max_windows=max_windows,
                          on_window=lambda i, n: st.update(f"perplexity ({be.name}) window {i}/{n}"))
@@ -96,7 +96,7 @@ def gguf(
     model: ModelArg = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="GGUF file to write")] = None,
     type_: Annotated[str, typer.Option("--type", help="GGUF preset: " + " | ".join(PRESETS))] = "Q3_K_M",
-    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 128, seqlen: SeqLen = 512,
+    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
     seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dac: Dac = True,
     rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run llama.cpp parity after writing")] = True,
@@ -127,6 +127,57 @@ def gguf(
         _report_verify(_verify_target(str(output), qm))
 
 
+@app.command()
+@_friendly
+def onnx(
+    model: ModelArg = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="ONNX folder to write")] = None,
+    bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8 (3-bit codes sit exactly in the 4-bit container)")] = 4,
+    block_size: Annotated[int, typer.Option(help="16 | 32 | 64 | 128: MatMulNBits block = quantization group")] = 64,
+    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
+    seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dsq_form: DsqForm = "rbin",
+    dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
+    dsq_layout: Annotated[str, typer.Option(help="how DSQ's residual-binary down_proj is carried: planes | lut")] = "planes",
+    accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy_level: 0 exact float, 4 int8 activations")] = 0,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run onnxruntime parity after writing")] = True,
+):
+    """Calibrate MODEL and write a MatMulNBits decoder with KV cache for stock onnxruntime."""
+    from converters.onnx import write_onnx
+
+    if bits not in (2, 3, 4, 8):
+        raise D2Error(f"--bits {bits} cannot run in onnxruntime; possible: 2, 3 (in the 4-bit container), 4, 8")
+    if block_size not in (16, 32, 64, 128):
+        raise D2Error(f"--block-size {block_size} cannot run in MatMulNBits here; possible: 16, 32, 64, 128")
+    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-w{bits}g{block_size}-onnx")
+    if output.exists() and not force:
+        raise D2Error(f"output {output} exists; pass --force to overwrite it")
+    opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp)
+    qm = load_or_calibrate(model, opts, bits, block_size)
+    with console.status("writing ONNX"):
+        write_onnx(qm, output, dsq_layout=dsq_layout, accuracy_level=accuracy_level, force=force)
+    size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
+    console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB)")
+    if verify:
+        _report_verify(_verify_target(str(output), qm))
+
+
+@app.command()
+@_friendly
+def generate(
+    target: Annotated[str | None, typer.Argument(help="source model, checkpoint, .gguf or ONNX folder")] = None,
+    prompt: Annotated[str, typer.Option(help="what to say to the model")] = "What is the capital of France?",
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="wrap the prompt in the model's chat template")] = True,
+):
+    """Stream a greedy continuation of PROMPT from any d2export target."""
+    from runtime_tests.generation import stream
+
+    for piece in stream(target, prompt, max_new_tokens, chat):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
 @app.command("verify")
 @_friendly
 def verify_(
@@ -145,7 +196,7 @@ def verify_(
         sys.stdout.write(json.dumps(res, default=float) + "\n")
     else:
         _report_verify(res)
-    if not res["pass"]:
+    if not _passed(res):
         raise typer.Exit(1)
 
 
@@ -165,8 +216,12 @@ def _verify_target(target: str, qm) -> dict:
     raise D2Error(f"{target} is neither a .gguf file nor an ONNX folder written by d2export")
 
 
+def _passed(res: dict) -> bool:
+    return bool(res.get("pass", res.get("passed")))
+
+
 def _report_verify(res: dict) -> None:
-    t = Table(title=f"runtime parity: {'PASS' if res['pass'] else 'FAIL'}")
+    t = Table(title=f"runtime parity: {'PASS' if _passed(res) else 'FAIL'}")
     t.add_column("check")
     t.add_column("value", justify="right")
     for section in ("weights", "logits", "kv_cache", "generation", "dropped_cost"):

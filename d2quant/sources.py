@@ -1,6 +1,7 @@
 """Model sources: a Hugging Face directory, a LLaMA-family .gguf file, or a built-in alias.
 
-Every source becomes a float32 transformers model plus its tokenizer and a ModelSpec.
+Every source becomes a float32 transformers model plus its tokenizer and a ModelSpec. A ``-padN``
+suffix (``smollm2-135m-pad768``) gives that model zero-padded to hidden size N (d2quant.padding).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from d2quant.qmodel import SUPPORTED_ARCHS, ModelSpec
 DEFAULT_MODEL = "smollm2-135m"
 # GGUF architectures transformers can load and that map onto our LLaMA-family decoders.
 GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+# MODEL-padN: MODEL zero-padded to hidden size N, an exactly equivalent model (d2quant.padding)
+_PADDED = re.compile(r"^(?P<base>.+)-pad(?P<hidden>\d+)$")
 
 
 @dataclass
@@ -123,8 +127,14 @@ def _fill_gguf_cache(path: Path, model, tokenizer) -> None:
 
 
 def load_source(model: str | None) -> Source:
+    padded = _PADDED.match(model or "")
+    if padded and not Path(model).expanduser().exists():
+        from d2quant.padding import pad_source
+        return pad_source(load_source(padded["base"]), int(padded["hidden"]))
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress display owns the terminal
     kind, path = resolve(model)
     try:
         if kind == "gguf":

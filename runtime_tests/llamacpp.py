@@ -63,6 +63,8 @@ _ULP_RTOL = 4 * np.finfo(np.float32).eps
 class LlamaCppDecoder:
     """A GGUF loaded in llama.cpp, returning logits for every position of a token window."""
 
+    name = "llamacpp"
+
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None):
         try:
             from llama_cpp import Llama
@@ -80,7 +82,8 @@ class LlamaCppDecoder:
     def n_vocab(self) -> int:
         return self.llm.n_vocab()
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        """No BOS by default: evaluation windows are scored like the torch backend's."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
 
     def logits(self, ids: list[int]) -> np.ndarray:

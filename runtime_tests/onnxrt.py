@@ -66,11 +66,15 @@ def _providers(providers: list[str] | None) -> list[str]:
 
 
 class OrtDecoder:
-    """An exported decoder in an onnxruntime session, batch 1."""
+    """An exported decoder in an onnxruntime session, batch 1 (a d2quant.evaluate LogitsBackend)."""
+
+    name = "onnxruntime"
 
     def __init__(self, model_dir: str | Path, *, accuracy_level: int | None = None,
                  providers: list[str] | None = None, threads: int | None = None):
-        path = Path(model_dir) / MODEL_FILE
+        self.model_dir = Path(model_dir)
+        self._tokenizer = None
+        path = self.model_dir / MODEL_FILE
         if not path.is_file():
             raise D2Error(f"{model_dir} holds no {MODEL_FILE}; export one with `d2export onnx`")
         so = ort.SessionOptions()
@@ -87,17 +91,33 @@ class OrtDecoder:
                     for a in node.attribute:
                         if a.name == "accuracy_level":
                             a.i = accuracy_level
+            # and for graphs where onnxruntime fuses DequantizeLinear+MatMul into MatMulNBits
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(path.parent))
             self.session = ort.InferenceSession(model.SerializeToString(), so,
                                                 providers=_providers(providers))
         self.load_seconds = time.perf_counter() - t0
-        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present")]
-        shape = self.session.get_inputs()[[i.name for i in self.session.get_inputs()].index(
-            self.past_names[0])].shape
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        _, self.kv_heads, _, self.head_dim = inputs[self.past_names[0]]
+
+    @property
+    def tokenizer(self):
+        """The tokenizer saved next to the model (loaded on first use)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+            except (OSError, ValueError):
+                raise D2Error(f"{self.model_dir} holds no usable tokenizer; re-export it from a "
+                              "model or checkpoint that has one") from None
+        return self._tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def empty_cache(self) -> list[np.ndarray]:
         return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]

@@ -25,7 +25,8 @@ def target_kind(target: str | None) -> str:
     return "source"
 
 
-def open_backend(target: str | None, backend: str = "auto", device: str = "cpu") -> LogitsBackend:
+def open_backend(target: str | None, backend: str = "auto", device: str = "cpu",
+                 ctx: int = 512) -> LogitsBackend:
     if backend not in BACKENDS:
         raise D2Error(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     kind = target_kind(target)
@@ -35,7 +36,7 @@ def open_backend(target: str | None, backend: str = "auto", device: str = "cpu")
         if kind != "gguf":
             raise D2Error(f"--backend llamacpp needs a .gguf file, got {target}")
         from runtime_tests.llamacpp import LlamaCppDecoder
-        return LlamaCppDecoder(target)
+        return LlamaCppDecoder(target, n_ctx=ctx)
     if backend == "onnxruntime":
         if kind != "onnx":
             raise D2Error(f"--backend onnxruntime needs an ONNX output folder, got {target}")

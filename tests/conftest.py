@@ -9,33 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiny_models import tiny_config
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 
 # Tests are many small ops: one thread avoids OpenMP spin contention on CI's two cores.
 torch.set_num_threads(1)
 
 
-def tiny_config(arch: str = "llama", hidden: int = 128, layers: int = 2, vocab: int = 320, **kw):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
-    cls, name = {"llama": (LlamaConfig, "LlamaForCausalLM"), "mistral": (MistralConfig, "MistralForCausalLM"),
-                 "qwen2": (Qwen2Config, "Qwen2ForCausalLM"), "qwen3": (Qwen3Config, "Qwen3ForCausalLM")}[arch]
-    args = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                max_position_embeddings=512, tie_word_embeddings=True)
-    if arch == "qwen3":
-        args["head_dim"] = hidden // 4
-    args.update(kw)
-    cfg = cls(**args)
-    cfg.architectures = [name]
-    return cfg
-
-
 def tiny_model(arch: str = "llama", seed: int = 0, **kw):
+    """A 2-layer random model, wide enough (hidden 128) that GPTQ has columns to work with."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).eval()
+    args = dict(hidden_size=128, intermediate_size=256, head_dim=32, vocab_size=320,
+                initializer_range=0.02)
+    args.update(kw)
+    m = AutoModelForCausalLM.from_config(tiny_config(arch, **args)).eval()
     with torch.no_grad():  # random-init norms are all 1; vary them so norm folding is exercised
         for n, p in m.named_parameters():
             if n.endswith("norm.weight"):
@@ -70,7 +60,7 @@ def tiny_hf_dir(tmp_path_factory):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     fast.save_pretrained(d)
-    m = tiny_model("llama", vocab=len(fast))
+    m = tiny_model("llama", vocab_size=len(fast))
     m.save_pretrained(d)
     return d
 

@@ -20,8 +20,7 @@ from d2quant.grids import UniformGrid, grid_from_spec
 from d2quant.qmodel import ModelSpec, QuantizedLinear, QuantizedModel
 from tests.tiny_models import tiny_config
 
-llama_cpp = pytest.importorskip("llama_cpp")
-from runtime_tests.llamacpp import LlamaCppDecoder, verify_gguf  # noqa: E402
+from runtime_tests.llamacpp import LlamaCppDecoder, verify_gguf
 
 HIDDEN, FFN, VOCAB = 256, 512, 512  # 256 so every K-quant fits the rows
 _TEXT = ("The quick brown fox jumps over the lazy dog. A tiny model reads tiny text, and the "

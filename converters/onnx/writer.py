@@ -80,14 +80,23 @@ def write_onnx(qm: QuantizedModel, out_dir: str | Path, *, embed: str = "float",
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _replace_dir(tmp, out)
     except BaseException:
         store.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is set aside first and deleted only after."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_metadata(model: onnx.ModelProto) -> dict:

