@@ -43,7 +43,8 @@ def test_padded_model_computes_the_same_logits(arch, kw):
     m = _model(arch, **kw)
     p = pad_model(m, 128)
     cfg = p.config
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (128, 8, 4, 16)
+    shape = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    assert shape == (128, 8, 4, 16)
     assert cfg.rms_norm_eps == pytest.approx(m.config.rms_norm_eps * 96 / 128)
     assert p.model.layers[0].self_attn.o_proj.weight.shape == (128, 128)
     ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
@@ -91,7 +92,8 @@ def test_padded_smollm2_alias_matches_the_original(smollm2_path):
     torch.set_num_threads(1)
     base = load_source("smollm2-135m")
     padded = load_source("smollm2-135m-pad768")
-    assert (padded.spec.hidden, padded.spec.heads, padded.spec.kv_heads, padded.spec.head_dim) == (768, 12, 4, 64)
+    spec = padded.spec
+    assert (spec.hidden, spec.heads, spec.kv_heads, spec.head_dim) == (768, 12, 4, 64)
     assert padded.info["real_params"] == param_count(base.model)
     ids = base.tokenizer("The tower is 324 metres tall, about the same height as an 81-storey building.",
                          return_tensors="pt").input_ids

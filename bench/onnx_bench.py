@@ -1,0 +1,93 @@
+"""Issue-4 benchmark: a checkpoint exported to ONNX, run by onnxruntime vs the torch quantized model.
+
+For each checkpoint and DSQ layout: file size, session memory, onnxruntime perplexity at accuracy
+levels 0 and 4 against torch on the same windows, prefill (one 512-token window) and decode
+(64 greedy tokens) speed. One JSON line per result in bench/results/onnx.jsonl.
+
+    python bench/onnx_bench.py CKPT [CKPT ...] --windows 40 [--layouts planes lut]
+    python bench/onnx_bench.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+
+from converters.onnx import write_onnx
+from d2quant.data import read_text
+from d2quant.evaluate import TorchBackend, perplexity
+from d2quant.qmodel import QuantizedModel
+from runtime_tests.onnxrt import OrtDecoder
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+RESULTS = Path(__file__).resolve().parent / "results" / "onnx.jsonl"
+
+
+def _speed(dec: OrtDecoder, ids: list[int]) -> tuple[float, float]:
+    t = time.perf_counter()
+    dec.logits(ids)
+    prefill = len(ids) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    n = sum(1 for _ in dec.generate(ids[:32], 64))
+    return prefill, n / (time.perf_counter() - t)
+
+
+def bench(ckpt: Path, layout: str, windows: int, out_root: Path) -> list[dict]:
+    qm = QuantizedModel.load(ckpt)
+    text = read_text(DATA / "test.txt")
+    out = write_onnx(qm, out_root / f"{ckpt.name}-{layout}", dsq_layout=layout, force=True)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
+    torch_ppl = perplexity(TorchBackend(qm.to_torch(), qm.tokenizer), text, 512, windows).ppl
+    rows = []
+    for level in (0, 4):
+        rss = psutil.Process().memory_info().rss
+        dec = OrtDecoder(out, accuracy_level=level)
+        mem = (psutil.Process().memory_info().rss - rss) / 2**20
+        ppl = perplexity(dec, text, 512, windows).ppl
+        prefill, decode = _speed(dec, dec.tokenize(text[:20000])[:512])
+        rows.append({"ckpt": ckpt.name, "recipe": {k: qm.recipe.get(k) for k in ("method", "bits", "group_size")},
+                     "layout": layout, "accuracy_level": level, "file_mb": round(size / 2**20, 1),
+                     "session_mb": round(mem, 1), "ppl_ort": round(ppl, 3), "ppl_torch": round(torch_ppl, 3),
+                     "windows": windows, "prefill_tok_s": round(prefill, 1), "decode_tok_s": round(decode, 1),
+                     "threads": os.cpu_count()})
+        del dec
+    return rows
+
+
+def table() -> str:
+    rows = [json.loads(x) for x in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    out = ["| checkpoint | layout | acc. level | file MiB | session MiB | ppl ORT | ppl torch | prefill tok/s | decode tok/s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['ckpt']} | {r['layout']} | {r['accuracy_level']} | {r['file_mb']} | {r['session_mb']} | "
+            f"{r['ppl_ort']:.2f} | {r['ppl_torch']:.2f} | {r['prefill_tok_s']} | {r['decode_tok_s']} |" for r in rows]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpts", nargs="*", type=Path)
+    ap.add_argument("--layouts", nargs="*", default=["planes"])
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--out", type=Path, default=Path("runs/onnx"))
+    ap.add_argument("--table", action="store_true")
+    a = ap.parse_args()
+    if a.table:
+        print(table())
+        return
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    for ck in a.ckpts:
+        for layout in a.layouts:
+            for row in bench(ck, layout, a.windows, a.out):
+                print(json.dumps(row), flush=True)
+                with RESULTS.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
