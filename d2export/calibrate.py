@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Annotated, Callable
@@ -71,8 +72,8 @@ def calibrate(model: str | None, opts: CalibOptions, bits: int, group_size: int,
     ccfg = CalibConfig(calib=opts.calib, nsamples=opts.nsamples, seqlen=opts.seqlen, seed=opts.seed)
     with console.status("loading model"):
         src = load_source(model)
-    if grids:
-        qcfg.grids = grids(src.spec)
+    if grids:  # rotation unties a tied lm_head, so the policy must see the untied model
+        qcfg.grids = grids(dataclasses.replace(src.spec, tie_embeddings=False) if qcfg.rotate else src.spec)
     tokens = None
     if qcfg.method != "rtn":
         with console.status(f"calibration data ({ccfg.calib}: {ccfg.nsamples} x {ccfg.seqlen} tokens)"):

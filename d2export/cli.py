@@ -17,6 +17,7 @@ from d2export.calibrate import (Calib, CalibOptions, Dac, Damp, Device, Dsq, Dsq
                                 load_or_calibrate)
 from converters.gguf.presets import PRESETS
 from d2quant.errors import D2Error
+from d2quant.qmodel import check_output
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
 
@@ -31,7 +32,7 @@ def _friendly(fn):
     def run(*a, **kw):
         try:
             return fn(*a, **kw)
-        except D2Error as e:
+        except (D2Error, OSError) as e:  # OSError: disk full, permissions, ...
             console.print(f"[bold red]error:[/] {e}", highlight=False)
             raise typer.Exit(2)
     return run
@@ -53,8 +54,7 @@ def quantize(
     dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
 ):
     """Calibrate MODEL and save a quantized checkpoint (codes + grid params + folded biases)."""
-    if output.exists() and not force:
-        raise D2Error(f"output {output} exists; pass --force to overwrite it")
+    check_output(output, force)
     qm = calibrate(model, _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac,
                                 rotate, damp), bits, group_size)
     qm.save(output, force=force)
@@ -76,6 +76,8 @@ def eval_(
     from d2quant.evaluate import perplexity
     from runtime_tests.targets import open_backend
 
+    if not text.is_file():
+        raise D2Error(f"evaluation text {text} does not exist; pass --text FILE")
     body = read_text(text)
     be = open_backend(target, backend, ctx=ctx)
     with console.status(f"perplexity ({be.name})") as st:
@@ -107,8 +109,7 @@ def gguf(
     if type_ not in PRESETS:
         raise D2Error(f"unknown --type {type_!r}; choose one of {', '.join(PRESETS)}")
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{type_}.gguf")
-    if output.exists() and not force:
-        raise D2Error(f"output {output} exists; pass --force to overwrite it")
+    check_output(output, force)
     opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, "dual", dac, rotate, damp)
 
     def policy(spec):
@@ -142,15 +143,18 @@ def onnx(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run onnxruntime parity after writing")] = True,
 ):
     """Calibrate MODEL and write a MatMulNBits decoder with KV cache for stock onnxruntime."""
-    from converters.onnx import write_onnx
+    from converters.onnx import DSQ_LAYOUTS, write_onnx
 
     if bits not in (2, 3, 4, 8):
         raise D2Error(f"--bits {bits} cannot run in onnxruntime; possible: 2, 3 (in the 4-bit container), 4, 8")
     if block_size not in (16, 32, 64, 128):
         raise D2Error(f"--block-size {block_size} cannot run in MatMulNBits here; possible: 16, 32, 64, 128")
+    if dsq_layout not in DSQ_LAYOUTS:
+        raise D2Error(f"--dsq-layout must be one of {', '.join(DSQ_LAYOUTS)}, got {dsq_layout!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise D2Error(f"--accuracy-level must be 0..4 (0 exact float, 4 int8 activations), got {accuracy_level}")
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-w{bits}g{block_size}-onnx")
-    if output.exists() and not force:
-        raise D2Error(f"output {output} exists; pass --force to overwrite it")
+    check_output(output, force)
     opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp)
     qm = load_or_calibrate(model, opts, bits, block_size)
     with console.status("writing ONNX"):

@@ -92,7 +92,7 @@ def self_generated(model, tokenizer, cfg: CalibConfig, device: torch.device, bat
 def calibration_tokens(cfg: CalibConfig, model, tokenizer, device: torch.device) -> torch.Tensor:
     """[nsamples, seqlen] token ids."""
     if cfg.calib == "self":
-        return self_generated(model, tokenizer, cfg, device)
+        return self_generated(model.to(device), tokenizer, cfg, device)
     if cfg.calib.startswith("hf:"):
         return _windows(tokenize(tokenizer, _hf_dataset_text(cfg.calib)), cfg, cfg.calib)
     return _windows(tokenize(tokenizer, read_text(cfg.calib)), cfg, cfg.calib)

@@ -156,19 +156,27 @@ class Calibrator:
 
     def _fold_col_scale(self, prefix: str, mlp) -> None:
         """Move down_proj's column scale c into up_proj rows: down(silu(g) * c*u) == (down*c)(silu(g)*u)."""
-        down, up = self.linears[prefix + "down_proj"], self.linears[prefix + "up_proj"]
-        grid, params, c = strip_col_scale(down.grid, down.params)
-        if c is None:
+        down = self.linears.get(prefix + "down_proj")
+        if down is None or "col_scale" not in down.params:
             return
-        c = c[:down.shape[1]]
+        up = self.linears.get(prefix + "up_proj")
+        if up is None:
+            raise D2Error(f"{prefix}up_proj is kept in float, so DSQ's column scale has nowhere to go; "
+                          "use --no-dsq for this model")
+        grid, params, c = strip_col_scale(down.grid, down.params, down.shape[1])
         up.params = up.grid.scale_rows(up.params, c)
+        if up.bias is not None:
+            up.bias = up.bias * c
+            mlp.up_proj.bias.data.copy_(up.bias.to(self.dev))
         self.linears[prefix + "down_proj"] = QuantizedLinear(grid, down.codes, params, down.bias)
         mlp.up_proj.weight.data.copy_(up.weight().to(self.dev))
         mlp.down_proj.weight.data.copy_(self.linears[prefix + "down_proj"].weight().to(self.dev))
 
     def _fold_dac(self, prefix: str, mlp, b: torch.Tensor) -> None:
         for nm in ("gate_proj", "up_proj"):
-            ql = self.linears[prefix + nm]
+            ql = self.linears.get(prefix + nm)
+            if ql is None:
+                raise D2Error(f"{prefix}{nm} is kept in float by the preset; use --no-dac for this model")
             extra = ql.weight() @ b.cpu()
             ql.bias = extra if ql.bias is None else ql.bias + extra
             set_linear(mlp, nm, getattr(mlp, nm).weight.data, ql.bias.to(self.dev))

@@ -135,9 +135,8 @@ class QuantizedModel:
     # ---- checkpoint ----------------------------------------------------------------------
     def save(self, out_dir: str | Path, force: bool = False) -> Path:
         out = Path(out_dir)
-        if out.exists() and not force:
-            raise D2Error(f"output {out} exists; pass --force to overwrite it")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+        check_output(out, force)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             flat: dict[str, torch.Tensor] = {}
             lin_meta = {}
@@ -159,8 +158,10 @@ class QuantizedModel:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            if out.exists():
+            if out.is_dir():
                 shutil.rmtree(out)
+            elif out.exists():
+                out.unlink()
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -196,6 +197,16 @@ class QuantizedModel:
                    tensors={k: flat[k] for k in manifest["tensors"]}, recipe=manifest["recipe"],
                    report=manifest.get("report", {}), source=manifest.get("source", {}),
                    tokenizer=tokenizer)
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Fail before any work when an output cannot be written where it was asked for."""
+    if out.exists() and not force:
+        raise D2Error(f"output {out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise D2Error(f"output folder {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise D2Error(f"cannot write to {out.parent}; choose a writable output path")
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -110,7 +110,7 @@ def _gguf_cache(path: Path) -> str | None:
 
 
 def _fill_gguf_cache(path: Path, model, tokenizer) -> None:
-    d = _cache_dir(path)
+    d, tmp = _cache_dir(path), None
     try:
         d.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
@@ -123,7 +123,8 @@ def _fill_gguf_cache(path: Path, model, tokenizer) -> None:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, d)
     except (OSError, ValueError):  # a read-only or full cache only costs time
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_source(model: str | None) -> Source:

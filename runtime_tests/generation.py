@@ -42,9 +42,9 @@ def _torch_greedy(model, ids: list[int], n: int, eos: int | None) -> Iterator[in
 def stream(target: str | None, prompt: str, max_new_tokens: int, chat: bool = True) -> Iterator[str]:
     kind = target_kind(target)
     if kind == "gguf":
-        from llama_cpp import Llama
+        from runtime_tests.llamacpp import LlamaCppDecoder
 
-        llm = Llama(model_path=target, n_ctx=2048, verbose=False)
+        llm = LlamaCppDecoder(target, n_ctx=2048).llm
         if chat:
             for part in llm.create_chat_completion([{"role": "user", "content": prompt}],
                                                    max_tokens=max_new_tokens, temperature=0, stream=True):

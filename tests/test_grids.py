@@ -77,7 +77,7 @@ def test_strip_col_scale_folds_exactly():
     grid = DualScaleGrid(UniformGrid(2, 64).spec())
     w = heavy(16, 128)
     codes, params = grid.quantize_matrix(w)
-    base, bp, c = strip_col_scale(grid, params)
+    base, bp, c = strip_col_scale(grid, params, 128)
     assert isinstance(base, UniformGrid) and c.shape == (128,)
     assert torch.allclose(base.dequantize_matrix(codes, bp) * c[None, :],
                           grid.dequantize_matrix(codes, params))

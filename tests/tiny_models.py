@@ -56,10 +56,10 @@ def rtn_quantized_model(model, *, bits: int = 4, group: int = 16, rbin_down_bits
     if rbin_down_bits:
         for name in [n for n in linears if n.endswith("down_proj")]:
             down = linears[name]
-            grid, params, col_scale = strip_col_scale(down.grid, down.params)
+            grid, params, col_scale = strip_col_scale(down.grid, down.params, down.shape[1])
             linears[name] = QuantizedLinear(grid, down.codes, params, down.bias)
             up = linears[name.replace("down_proj", "up_proj")]
-            up.params = up.grid.scale_rows(up.params, col_scale[:up.shape[0]])
+            up.params = up.grid.scale_rows(up.params, col_scale)
     tensors = {k: v.detach().float().clone() for k, v in model.state_dict().items()
                if not any(k in (f"{n}.weight", f"{n}.bias") for n in linears)
                and not (k == "lm_head.weight" and cfg.tie_word_embeddings)}

@@ -52,7 +52,7 @@ class ResidualBinaryGrid(Grid):
 
     def levels(self, r: torch.Tensor) -> torch.Tensor:
         """[..., terms] -> [..., 2^bits] level values (before the column scale)."""
-        return r @ self.signs.T
+        return r @ self.signs.to(r.device).T
 
     def _assign(self, w: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         lv = self.levels(r)  # [N, L]
@@ -62,10 +62,12 @@ class ResidualBinaryGrid(Grid):
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         w = w.float()
         n, g = w.shape
-        imp = torch.ones(g) if importance is None else importance.float().clamp(min=1e-12)
+        imp = torch.ones(g, device=w.device) if importance is None else importance.float().clamp(min=1e-12)
         c = _init_col_scale(w)
+        signs = self.signs.to(w.device)
+        eye = torch.eye(self.bits, device=w.device)
         # greedy init: r0 from sign(w), r1.. from the residual's sign
-        x, r = w / c, torch.zeros(n, self.bits)
+        x, r = w / c, torch.zeros(n, self.bits, device=w.device)
         res = x.clone()
         for t in range(self.bits):
             r[:, t] = res.abs().mean(1)
@@ -74,13 +76,13 @@ class ResidualBinaryGrid(Grid):
         best, best_err = None, None
         for _ in range(_ITERS):
             u = self._assign(w, r, c)
-            b = self.signs[u]  # [N, g, terms]
+            b = signs[u]  # [N, g, terms]
             a = b * c.unsqueeze(-1)  # design matrix per row: w_i ~ a_i @ r_i
             aw = a * imp[:, None]
             ata = aw.transpose(1, 2) @ a
             # ridge keeps rows whose terms share signs (collinear columns) solvable
             ridge = 1e-6 * ata.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-20)
-            ata = ata + ridge[:, None, None] * torch.eye(self.bits)
+            ata = ata + ridge[:, None, None] * eye
             r = torch.linalg.solve(ata, (aw * w.unsqueeze(-1)).sum(1))
             lv_per_w = (b * r.unsqueeze(1)).sum(-1)
             c = _fit_col_scale(w, lv_per_w, c)
@@ -130,7 +132,7 @@ class DualScaleGrid(Grid):
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         w = w.float()
-        imp = torch.ones(w.shape[1]) if importance is None else importance.float()
+        imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()
         c = _init_col_scale(w)
         best, best_err = None, None
         for _ in range(max(3, _ITERS // 3)):
@@ -167,16 +169,14 @@ def _cols(c: torch.Tensor | None, like: torch.Tensor, col0: int) -> torch.Tensor
     return c[:, col0:col0 + like.shape[1]]
 
 
-def strip_col_scale(grid: Grid, params: Params) -> tuple[Grid, Params, torch.Tensor | None]:
-    """Split a DSQ-quantized tensor into (grid that files carry, its params, c over all K columns).
+def strip_col_scale(grid: Grid, params: Params, n_cols: int) -> tuple[Grid, Params, torch.Tensor | None]:
+    """Split a DSQ-quantized tensor into (grid that files carry, its params, c over its n_cols columns).
 
     After the pipeline folds c into up_proj, down_proj is stored on the plain grid: the base grid for
     ``DualScaleGrid``, and ``ResidualBinaryGrid`` itself without its column scales.
     """
     if "col_scale" not in params:
         return grid, params, None
-    c = params["col_scale"]  # [1, G, g], last group zero-padded
+    c = params["col_scale"].reshape(-1)[:n_cols]  # [1, G, g] with the last group zero-padded
     rest = {k: v for k, v in params.items() if k != "col_scale"}
-    if isinstance(grid, DualScaleGrid):
-        return grid.base, rest, c.reshape(-1)
-    return grid, rest, c.reshape(-1)
+    return (grid.base if isinstance(grid, DualScaleGrid) else grid), rest, c

@@ -42,7 +42,7 @@ class UniformGrid(Grid):
         lo, hi = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
         if not self.clip_search:
             return self._params(lo, hi)
-        imp = torch.ones(w.shape[1]) if importance is None else importance.float()
+        imp = torch.ones(w.shape[1], device=w.device) if importance is None else importance.float()
         best, best_err = None, None
         for f in _SHRINKS:
             p = self._params(lo * f, hi * f)
