@@ -69,13 +69,16 @@ def run(name: str, nsamples: int, seqlen: int, windows: int, device: str) -> dic
 
 def table() -> str:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
-    out = ["| run | W | method | ppl (test, 100×512) | calib s | peak MiB | samples |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| run | bits | method and switches | calibration | ppl (torch) | windows×512 | calib s | peak MiB |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        w = r["run"].split("-")[0]
-        out.append(f"| {r['run']} | {w} | {json.dumps(r.get('config', 'fp16'))} {r.get('calib', '')} | "
-                   f"{r['ppl']:.2f} | {r.get('calib_seconds', '-')} | {r.get('peak_mem_mb', '-')} | "
-                   f"{r['nsamples']}×{r['seqlen']} |")
+        cfg = dict(r.get("config", {}))
+        bits = cfg.pop("bits", "fp32")
+        method = cfg.pop("method", "float")
+        switches = " ".join(f"{k}={v}" for k, v in cfg.items())
+        calib = f"{r.get('calib', '-')} {r['nsamples']}×{r['seqlen']}" if "calib" in r else "-"
+        out.append(f"| {r['run']} | {bits} | {method} {switches} | {calib} | {r['ppl']:.2f} | "
+                   f"{r['windows']} | {r.get('calib_seconds', '-')} | {r.get('peak_mem_mb', '-')} |")
     return "\n".join(out)
 
 
