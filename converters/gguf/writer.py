@@ -29,7 +29,7 @@ from converters.gguf.arch import (ArchLayout, choose_layout, extra_tensors, gguf
 from converters.gguf.blocks import ggml_form, pack_linear
 from converters.gguf.tokenizer import add_tokenizer
 from d2quant.errors import D2Error
-from d2quant.qmodel import QuantizedModel
+from d2quant.qmodel import QuantizedModel, check_output
 
 _REQUIRED = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
              "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
@@ -165,12 +165,7 @@ def write_gguf(qm: QuantizedModel, out_path: str | Path, *, force: bool = False,
     them without writing.
     """
     out = Path(out_path)
-    if out.exists() and not force:
-        raise D2Error(f"output {out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise D2Error(f"output folder {out.parent} does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise D2Error(f"cannot write to {out.parent}; choose a writable output path")
+    check_output(out, force)
     plan = plan_gguf(qm)
     for w in plan.warnings:
         warnings.warn(w, stacklevel=2)
