@@ -125,7 +125,7 @@ def gguf(
         console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     console.print(f"wrote [bold]{output}[/] ({output.stat().st_size / 2**20:.1f} MiB)")
     if verify:
-        _report_verify(_verify_target(str(output), qm))
+        _verify_and_report(str(output), qm)
 
 
 @app.command()
@@ -162,7 +162,7 @@ def onnx(
     size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB)")
     if verify:
-        _report_verify(_verify_target(str(output), qm))
+        _verify_and_report(str(output), qm)
 
 
 @app.command()
@@ -201,6 +201,16 @@ def verify_(
     else:
         _report_verify(res)
     if not _passed(res):
+        raise typer.Exit(1)
+
+
+def _verify_and_report(target: str, qm) -> None:
+    """Parity right after an export: the file stays, but a failed check fails the command."""
+    res = _verify_target(target, qm)
+    _report_verify(res)
+    if not _passed(res):
+        console.print(f"[bold red]parity failed[/] for {target}: see the table; "
+                      f"`d2export verify {target} --reference CKPT --json` gives every number")
         raise typer.Exit(1)
 
 
