@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import time
 import warnings
 from collections import Counter
@@ -41,6 +40,7 @@ import gguf
 import numpy as np
 import torch
 
+from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
 from converters.gguf import PRESETS as ALL_PRESETS
 from converters.gguf import file_bits_per_weight, preset_grids, write_gguf
 from d2quant.data import CalibConfig, calibration_tokens, read_text
@@ -218,12 +218,6 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings, tes
 
 # ---- results ----------------------------------------------------------------------------------
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _key(row: dict) -> tuple:
     return tuple(row[k] for k in KEY)
 
@@ -279,7 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     s = Settings(a.nsamples, a.seqlen, a.windows, a.ctx, a.threads, a.decode_tokens, a.decode_reps,
                  a.device, not a.no_verify, a.out_dir)
     s.out_dir.mkdir(parents=True, exist_ok=True)
-    a.results.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in read_rows(a.results)}
     test_text = read_text(DATA / "test.txt")
     jobs = [(p, m) for p in a.presets for m in a.methods] + ([("F32", "float")] if a.float else [])
@@ -292,9 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         for preset, method in todo:
             torch.manual_seed(0)
             row = run_row(base, model, preset, method, s, test_text)
-            print(json.dumps(row), flush=True)
-            with a.results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(a.results, row)
 
 
 if __name__ == "__main__":

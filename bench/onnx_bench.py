@@ -11,13 +11,13 @@ levels 0 and 4 against torch on the same windows, prefill (one 512-token window)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import psutil
 
+from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
 from converters.onnx import write_onnx
 from d2quant.data import read_text
 from d2quant.evaluate import TorchBackend, perplexity
@@ -60,7 +60,7 @@ def bench(ckpt: Path, layout: str, windows: int, out_root: Path) -> list[dict]:
 
 
 def table() -> str:
-    rows = [json.loads(x) for x in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    rows = read_rows(RESULTS)
     out = ["| checkpoint | layout | acc. level | file MiB | session MiB | ppl ORT | ppl torch | prefill tok/s | decode tok/s |",
            "|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['ckpt']} | {r['layout']} | {r['accuracy_level']} | {r['file_mb']} | {r['session_mb']} | "
@@ -79,14 +79,11 @@ def main() -> None:
     if a.table:
         print(table())
         return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     for ck in a.ckpts:
         for layout in a.layouts:
             for row in bench(ck, layout, a.windows, a.out):
-                print(json.dumps(row), flush=True)
-                with RESULTS.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(RESULTS, row)
 
 
 if __name__ == "__main__":

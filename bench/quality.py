@@ -11,12 +11,12 @@ interrupted benchmark resumes where it stopped. `--table` prints the markdown ta
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
 from d2quant.data import CalibConfig, calibration_tokens, read_text
 from d2quant.evaluate import TorchBackend, perplexity
 from d2quant.pipeline import QuantConfig, quantize
@@ -68,7 +68,7 @@ def run(name: str, nsamples: int, seqlen: int, windows: int, device: str) -> dic
 
 
 def table() -> str:
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    rows = read_rows(RESULTS)
     out = ["| run | bits | method and switches | calibration | ppl (torch) | windows×512 | calib s | peak MiB |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -94,16 +94,12 @@ def main() -> None:
     if a.table:
         print(table())
         return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["run"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+    done = {r["run"] for r in read_rows(RESULTS)}
     for name in a.runs:
         if name in done:
             continue
         torch.manual_seed(0)
-        rec = run(name, a.nsamples, a.seqlen, a.windows, a.device)
-        print(json.dumps(rec), flush=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_row(RESULTS, run(name, a.nsamples, a.seqlen, a.windows, a.device))
 
 
 if __name__ == "__main__":
