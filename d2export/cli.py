@@ -243,7 +243,3 @@ def _report_verify(res: dict) -> None:
             if isinstance(v, (int, float, bool, str)) and not isinstance(v, dict):
                 t.add_row(f"{section}.{k}", f"{v:.4g}" if isinstance(v, float) else str(v))
     console.print(t)
-
-
-def main() -> None:  # pragma: no cover
-    app()

@@ -5,8 +5,6 @@ import json
 import math
 import shutil
 
-import pytest
-import torch
 from typer.testing import CliRunner
 
 from d2export.cli import app
