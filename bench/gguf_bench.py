@@ -43,7 +43,7 @@ import torch
 from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
 from converters.gguf import PRESETS as ALL_PRESETS
 from converters.gguf import file_bits_per_weight, preset_grids, write_gguf
-from d2quant.data import CalibConfig, calibration_tokens, read_text
+from d2quant.data import CalibConfig, calibration_tokens, read_text, wikitext_dir
 from d2quant.evaluate import perplexity
 from d2quant.padding import param_count
 from d2quant.pipeline import QuantConfig, quantize
@@ -53,7 +53,7 @@ from runtime_tests.llamacpp import LlamaCppDecoder, verify_weights
 from runtime_tests.llamacpp_quant import collect_importance, quantize_with_libggml
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+DATA = wikitext_dir()
 RESULTS = ROOT / "bench" / "results" / "gguf.jsonl"
 OUT_DIR = ROOT / "out" / "gguf_bench"
 

@@ -19,12 +19,12 @@ import psutil
 
 from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
 from converters.onnx import write_onnx
-from d2quant.data import read_text
+from d2quant.data import read_text, wikitext_dir
 from d2quant.evaluate import TorchBackend, perplexity
 from d2quant.qmodel import QuantizedModel
 from runtime_tests.onnxrt import OrtDecoder
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+DATA = wikitext_dir()
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx.jsonl"
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
-from d2quant.data import CalibConfig, calibration_tokens, read_text
+from d2quant.data import CalibConfig, calibration_tokens, read_text, wikitext_dir
 from d2quant.evaluate import TorchBackend, perplexity
 from d2quant.pipeline import QuantConfig, quantize
 from d2quant.sources import load_source
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+DATA = wikitext_dir()
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.jsonl"
 
 # name -> (QuantConfig overrides, calibration source)

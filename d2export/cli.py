@@ -16,10 +16,11 @@ from d2export.calibrate import (Calib, CalibOptions, Dac, Damp, Device, Dsq, Dsq
                                 ModelArg, NSamples, Rotate, SeqLen, Seed, calibrate, console,
                                 load_or_calibrate)
 from converters.gguf.presets import PRESETS
+from d2quant.data import wikitext_dir
 from d2quant.errors import D2Error
 from d2quant.qmodel import check_output
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "test.txt"
+DEFAULT_TEXT = wikitext_dir() / "test.txt"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help=__doc__)
@@ -36,6 +37,10 @@ def _friendly(fn):
             console.print(f"[bold red]error:[/] {e}", highlight=False)
             raise typer.Exit(2)
     return run
+
+
+SaveCheckpoint = Annotated[Path | None, typer.Option(
+    help="also keep the calibrated checkpoint here, so `d2export verify` and other exports can reuse it")]
 
 
 def _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp) -> CalibOptions:
@@ -102,6 +107,7 @@ def gguf(
     seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dac: Dac = True,
     rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run llama.cpp parity after writing")] = True,
+    save_checkpoint: SaveCheckpoint = None,
 ):
     """Calibrate MODEL onto llama.cpp's native block types of a preset and write a GGUF."""
     from converters.gguf import preset_grids, write_gguf
@@ -110,6 +116,7 @@ def gguf(
         raise D2Error(f"unknown --type {type_!r}; choose one of {', '.join(PRESETS)}")
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{type_}.gguf")
     check_output(output, force)
+    _check_checkpoint_dir(save_checkpoint, force)
     opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, "dual", dac, rotate, damp)
 
     def policy(spec):
@@ -118,6 +125,7 @@ def gguf(
                           "pass --no-dac to export Qwen3 to GGUF")
         return preset_grids(type_, spec)
     qm = load_or_calibrate(model, opts, 4, 32, policy)  # the preset names every tensor's grid
+    _save_checkpoint(qm, save_checkpoint, force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         write_gguf(qm, output, force=force, preset=type_)
@@ -141,6 +149,7 @@ def onnx(
     dsq_layout: Annotated[str, typer.Option(help="how DSQ's residual-binary down_proj is carried: planes | lut")] = "planes",
     accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy_level: 0 exact float, 4 int8 activations")] = 0,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run onnxruntime parity after writing")] = True,
+    save_checkpoint: SaveCheckpoint = None,
 ):
     """Calibrate MODEL and write a MatMulNBits decoder with KV cache for stock onnxruntime."""
     from converters.onnx import DSQ_LAYOUTS, write_onnx
@@ -155,8 +164,10 @@ def onnx(
         raise D2Error(f"--accuracy-level must be 0..4 (0 exact float, 4 int8 activations), got {accuracy_level}")
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-w{bits}g{block_size}-onnx")
     check_output(output, force)
+    _check_checkpoint_dir(save_checkpoint, force)
     opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp)
     qm = load_or_calibrate(model, opts, bits, block_size)
+    _save_checkpoint(qm, save_checkpoint, force)
     with console.status("writing ONNX"):
         write_onnx(qm, output, dsq_layout=dsq_layout, accuracy_level=accuracy_level, force=force)
     size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
@@ -204,6 +215,18 @@ def verify_(
         raise typer.Exit(1)
 
 
+def _check_checkpoint_dir(path: Path | None, force: bool) -> None:
+    """Refuse a bad --save-checkpoint before the calibration spends minutes."""
+    if path is not None:
+        check_output(path, force)
+
+
+def _save_checkpoint(qm, path: Path | None, force: bool) -> None:
+    if path is not None:
+        qm.save(path, force=force)
+        console.print(f"saved checkpoint to [bold]{path}[/]")
+
+
 def _verify_and_report(target: str, qm) -> None:
     """Parity right after an export: the file stays, but a failed check fails the command."""
     res = _verify_target(target, qm)
@@ -238,8 +261,11 @@ def _report_verify(res: dict) -> None:
     t = Table(title=f"runtime parity: {'PASS' if _passed(res) else 'FAIL'}")
     t.add_column("check")
     t.add_column("value", justify="right")
-    for section in ("weights", "logits", "kv_cache", "generation", "dropped_cost"):
+    brief = ("mean_kl", "max_kl", "ppl_ratio")  # context, not gated: the table stays one screen
+    for section, keys in (("weights", None), ("logits", None), ("kv_cache", None), ("generation", None),
+                          ("vs_float_arithmetic", brief), ("activation_rounding", brief),
+                          ("dropped_cost", brief)):
         for k, v in (res.get(section) or {}).items():
-            if isinstance(v, (int, float, bool, str)) and not isinstance(v, dict):
+            if isinstance(v, (int, float, bool, str)) and (keys is None or k in keys):
                 t.add_row(f"{section}.{k}", f"{v:.4g}" if isinstance(v, float) else str(v))
     console.print(t)

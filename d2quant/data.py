@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from d2quant.errors import D2Error
+
+
+def wikitext_dir() -> Path:
+    """wikitext-2 as the project's data lives beside the checkout (../shared/data), or where
+    $D2EXPORT_DATA points (a copy carried to another machine)."""
+    root = os.environ.get("D2EXPORT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(root) / "wikitext-2"
 
 
 @dataclass

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2quant.data import wikitext_dir
 from tests.tiny_models import tiny_config
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+DATA = wikitext_dir()
 
 # Tests are many small ops: one thread avoids OpenMP spin contention on CI's two cores.
 torch.set_num_threads(1)

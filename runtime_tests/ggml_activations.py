@@ -1,0 +1,87 @@
+"""llama.cpp's CPU arithmetic on the activations, reproduced in torch.
+
+The weights of a GGUF are exact, but llama.cpp does not multiply them by float activations: each
+matmul first rounds its activation operand to the weight type's ``vec_dot_type`` (ggml-cpu's type
+traits), one scale per block:
+
+* K-quants (Q2_K..Q6_K) -> Q8_K: blocks of 256, scale = -max/127 where max is the signed value of
+  largest magnitude (so it lands on -127), float32 scale;
+* Q4_0, Q5_0, Q8_0, IQ4_NL -> Q8_0 and Q4_1, Q5_1 -> Q8_1: blocks of 32, scale = amax/127, stored
+  as fp16 (the codes were rounded with the unrounded scale);
+* F16 weights -> the activation in fp16; F32 weights -> untouched.
+
+The KV cache (and the queries meeting it) are fp16 as well. A torch model with these roundings
+applied (:func:`emulate_llamacpp`) computes what llama.cpp computes up to summation order, so
+parity can be checked against it tightly, and the same model against the plain one measures what
+the runtime's 8-bit activations cost a given quantized model, on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# weight type -> (activation block type, block length)
+_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+VEC_DOT: dict[str, tuple[str, int]] = {
+    **{t: ("Q8_K", 256) for t in _K_QUANTS},
+    **{t: ("Q8_0", 32) for t in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL")},
+    **{t: ("Q8_1", 32) for t in ("Q4_1", "Q5_1")},
+    "F16": ("F16", 1),
+    "F32": ("F32", 1),
+}
+
+
+def round_activations(x: torch.Tensor, weight_type: str) -> torch.Tensor:
+    """``x`` [..., K] as llama.cpp hands it to a matmul with a ``weight_type`` weight."""
+    kind, block = VEC_DOT[weight_type]
+    if kind == "F32":
+        return x
+    if kind == "F16":
+        return x.to(torch.float16).to(x.dtype)
+    k = x.shape[-1]
+    if k % block:
+        raise ValueError(f"{weight_type} weights need rows of a multiple of {block}, got {k}")
+    xb = x.float().reshape(*x.shape[:-1], k // block, block)
+    if kind == "Q8_K":
+        peak = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # signed
+        iscale = torch.where(peak != 0, -127.0 / peak, torch.zeros_like(peak))
+        q = torch.round(xb * iscale).clamp(max=127)
+        d = torch.where(peak != 0, 1.0 / iscale, torch.zeros_like(peak))
+    else:  # Q8_0 / Q8_1
+        amax = xb.abs().amax(-1, keepdim=True)
+        inv = torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
+        q = torch.round(xb * inv)
+        d = (amax / 127.0).to(torch.float16).float()
+    return (q * d).reshape(x.shape).to(x.dtype)
+
+
+def _fp16(_module, _args, out):
+    return out.to(torch.float16).to(out.dtype)
+
+
+@contextlib.contextmanager
+def emulate_llamacpp(model: torch.nn.Module, weight_types: dict[str, str]):
+    """Within the block, ``model`` (a transformers decoder) rounds like llama.cpp's CPU backend.
+
+    ``weight_types`` maps module names (``model.layers.0.mlp.down_proj``, ``lm_head``) to the GGML
+    type of that weight in the file. q/k/v outputs are rounded to fp16 for the fp16 KV cache and the
+    fp16 queries that meet it (llama.cpp rounds K after RoPE; rounding before it differs only in
+    the last bit).
+    """
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for name, wtype in weight_types.items():
+            mod = modules.get(name)
+            if mod is None:
+                raise KeyError(f"no module {name} in the model")
+            handles.append(mod.register_forward_pre_hook(
+                lambda _m, args, t=wtype: (round_activations(args[0], t), *args[1:])))
+            if name.endswith(("q_proj", "k_proj", "v_proj")):
+                handles.append(mod.register_forward_hook(_fp16))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
