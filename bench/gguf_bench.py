@@ -102,17 +102,11 @@ def _calib_tokens(src: Source, s: Settings) -> torch.Tensor:
     return calibration_tokens(cfg, src.model, src.tokenizer, torch.device("cpu"))
 
 
-def _float_model(src: Source) -> QuantizedModel:
-    tensors = {n: p.detach().float().clone() for n, p in src.model.named_parameters()}
-    return QuantizedModel(spec=src.spec, linears={}, tensors=tensors, recipe={"method": "float"},
-                          source=dict(src.info), tokenizer=src.tokenizer)
-
-
 def make_model(base: Source, preset: str, method: str, s: Settings) -> QuantizedModel:
     """``method``'s quantized model of a fresh copy of ``base`` (calibration edits its model)."""
     src = dataclasses.replace(base, model=copy.deepcopy(base.model), spec=copy.deepcopy(base.spec))
     if method == "float":
-        return _float_model(src)
+        return QuantizedModel.unquantized(src)
     if method == "llamacpp":
         return quantize_with_libggml(src, preset, None)
     tokens = _calib_tokens(src, s)

@@ -5,6 +5,7 @@ levels 0 and 4 against torch on the same windows, prefill (one 512-token window)
 (64 greedy tokens) speed. One JSON line per result in bench/results/onnx.jsonl.
 
     python bench/onnx_bench.py CKPT [CKPT ...] --windows 40 [--layouts planes lut]
+    python bench/onnx_bench.py float:smollm2-135m onnx:GENAI_BUILDER_DIR --windows 40
     python bench/onnx_bench.py --table
 """
 
@@ -15,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+import onnx
 import psutil
 
 from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
@@ -22,6 +24,7 @@ from converters.onnx import write_onnx
 from d2quant.data import read_text, wikitext_dir
 from d2quant.evaluate import TorchBackend, perplexity
 from d2quant.qmodel import QuantizedModel
+from d2quant.sources import load_source
 from runtime_tests.onnxrt import OrtDecoder
 
 DATA = wikitext_dir()
@@ -37,22 +40,39 @@ def _speed(dec: OrtDecoder, ids: list[int]) -> tuple[float, float]:
     return prefill, n / (time.perf_counter() - t)
 
 
-def bench(ckpt: Path, layout: str, windows: int, out_root: Path) -> list[dict]:
-    qm = QuantizedModel.load(ckpt)
+def _export(target: str, layout: str, out_root: Path):
+    """(ONNX folder, name, recipe, quantized model or None) for a benchmark target."""
+    if target.startswith("onnx:"):  # written by another tool (onnxruntime-genai's builder)
+        out = Path(target[len("onnx:"):])
+        return out, out.name, {"method": "external"}, None
+    if target.startswith("float:"):
+        qm = QuantizedModel.unquantized(load_source(target[len("float:"):]))
+        name = target.replace(":", "-")
+    else:
+        qm, name = QuantizedModel.load(target), Path(target).name
+    out = write_onnx(qm, out_root / f"{name}-{layout}", dsq_layout=layout, force=True)
+    return out, name, {k: qm.recipe.get(k) for k in ("method", "bits", "group_size")}, qm
+
+
+def bench(target: str, layout: str, windows: int, out_root: Path) -> list[dict]:
     text = read_text(DATA / "test.txt")
-    out = write_onnx(qm, out_root / f"{ckpt.name}-{layout}", dsq_layout=layout, force=True)
+    out, name, recipe, qm = _export(target, layout, out_root)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
-    torch_ppl = perplexity(TorchBackend(qm.to_torch(), qm.tokenizer), text, 512, windows).ppl
+    torch_ppl = None
+    if qm is not None:
+        torch_ppl = round(perplexity(TorchBackend(qm.to_torch(), qm.tokenizer), text, 512, windows).ppl, 3)
+    quantized = any(n.op_type == "MatMulNBits" for n in onnx.load(str(out / "model.onnx"),
+                                                                   load_external_data=False).graph.node)
     rows = []
-    for level in (0, 4):
+    for level in ((0, 4) if quantized else (None,)):
         rss = psutil.Process().memory_info().rss
         dec = OrtDecoder(out, accuracy_level=level)
         mem = (psutil.Process().memory_info().rss - rss) / 2**20
         ppl = perplexity(dec, text, 512, windows).ppl
         prefill, decode = _speed(dec, dec.tokenize(text[:20000])[:512])
-        rows.append({"ckpt": ckpt.name, "recipe": {k: qm.recipe.get(k) for k in ("method", "bits", "group_size")},
-                     "layout": layout, "accuracy_level": level, "file_mb": round(size / 2**20, 1),
-                     "session_mb": round(mem, 1), "ppl_ort": round(ppl, 3), "ppl_torch": round(torch_ppl, 3),
+        rows.append({"ckpt": name, "recipe": recipe, "layout": layout if qm is not None else "-",
+                     "accuracy_level": level, "file_mb": round(size / 2**20, 1),
+                     "session_mb": round(mem, 1), "ppl_ort": round(ppl, 3), "ppl_torch": torch_ppl,
                      "windows": windows, "prefill_tok_s": round(prefill, 1), "decode_tok_s": round(decode, 1),
                      "threads": os.cpu_count()})
         del dec
@@ -61,16 +81,19 @@ def bench(ckpt: Path, layout: str, windows: int, out_root: Path) -> list[dict]:
 
 def table() -> str:
     rows = read_rows(RESULTS)
-    out = ["| checkpoint | layout | acc. level | file MiB | session MiB | ppl ORT | ppl torch | prefill tok/s | decode tok/s |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    out += [f"| {r['ckpt']} | {r['layout']} | {r['accuracy_level']} | {r['file_mb']} | {r['session_mb']} | "
-            f"{r['ppl_ort']:.2f} | {r['ppl_torch']:.2f} | {r['prefill_tok_s']} | {r['decode_tok_s']} |" for r in rows]
+    out = ["| checkpoint | layout | acc. level | file MiB | session MiB | ppl ORT | ppl torch | prefill tok/s | decode tok/s | windows |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    out += [f"| {r['ckpt']} | {r['layout']} | {'-' if r['accuracy_level'] is None else r['accuracy_level']} | "
+            f"{r['file_mb']} | {r['session_mb']} | {fmt(r['ppl_ort'])} | {fmt(r['ppl_torch'])} | "
+            f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r.get('windows', '')} |" for r in rows]
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("ckpts", nargs="*", type=Path)
+    ap.add_argument("targets", nargs="*",
+                    help="checkpoint dir | float:MODEL (the unquantized model) | onnx:DIR (another tool's export)")
     ap.add_argument("--layouts", nargs="*", default=["planes"])
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("runs/onnx"))
@@ -80,9 +103,9 @@ def main() -> None:
         print(table())
         return
     a.out.mkdir(parents=True, exist_ok=True)
-    for ck in a.ckpts:
-        for layout in a.layouts:
-            for row in bench(ck, layout, a.windows, a.out):
+    for target in a.targets:
+        for layout in a.layouts if not target.startswith(("onnx:", "float:")) else ["-"]:
+            for row in bench(target, layout, a.windows, a.out):
                 append_row(RESULTS, row)
 
 

@@ -107,6 +107,13 @@ class QuantizedModel:
     source: dict = field(default_factory=dict)  # {"kind": "gguf"|"hf", "path": ...}
     tokenizer: object | None = None  # a transformers tokenizer
 
+    @classmethod
+    def unquantized(cls, src) -> "QuantizedModel":
+        """The source model as is, every weight in float: the baseline the writers export as F32."""
+        tensors = {n: p.detach().float().clone() for n, p in src.model.named_parameters()}
+        return cls(spec=src.spec, linears={}, tensors=tensors, recipe={"method": "float"},
+                   source=dict(src.info), tokenizer=src.tokenizer)
+
     # ---- torch ---------------------------------------------------------------------------
     def to_torch(self, dtype: torch.dtype = torch.float32):
         """A transformers model whose linear weights are exactly the dequantized codes."""

@@ -12,6 +12,7 @@ generation); ``verify_onnx`` proves an export against the quantized model it cam
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -101,7 +102,20 @@ class OrtDecoder:
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.input_names = set(inputs)  # other exporters leave position_ids out
         _, self.kv_heads, _, self.head_dim = inputs[self.past_names[0]]
+        if not isinstance(self.head_dim, int):  # symbolic in onnxruntime-genai's builder output
+            self.head_dim = self._genai_decoder_config().get("head_size")
+            if not isinstance(self.head_dim, int):
+                raise D2Error(f"{model_dir}: the KV cache's head size is neither in the graph nor in "
+                              "genai_config.json")
+
+    def _genai_decoder_config(self) -> dict:
+        path = self.model_dir / "genai_config.json"
+        try:
+            return json.loads(path.read_text())["model"]["decoder"]
+        except (OSError, ValueError, KeyError):
+            return {}
 
     @property
     def tokenizer(self):
@@ -130,6 +144,7 @@ class OrtDecoder:
                  "attention_mask": np.ones((1, past + ids.shape[1]), np.int64),
                  "position_ids": np.arange(past, past + ids.shape[1], dtype=np.int64)[None]}
         feeds.update(zip(self.past_names, cache))
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         out = self.session.run(["logits", *self.present_names], feeds)
         return out[0][0], out[1:]
 
