@@ -12,6 +12,7 @@ levels 0 and 4 against torch on the same windows, prefill (one 512-token window)
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from pathlib import Path
@@ -23,12 +24,14 @@ from resultlog import append_row, read_rows  # bench/ is on sys.path when run as
 from converters.onnx import write_onnx
 from d2quant.data import read_text, wikitext_dir
 from d2quant.evaluate import TorchBackend, perplexity
+from d2quant.pipeline import quantize_embeddings
 from d2quant.qmodel import QuantizedModel
 from d2quant.sources import load_source
 from runtime_tests.onnxrt import OrtDecoder
 
 DATA = wikitext_dir()
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx.jsonl"
+EMBED_GROUP = 64
 
 
 def _speed(dec: OrtDecoder, ids: list[int]) -> tuple[float, float]:
@@ -40,7 +43,7 @@ def _speed(dec: OrtDecoder, ids: list[int]) -> tuple[float, float]:
     return prefill, n / (time.perf_counter() - t)
 
 
-def _export(target: str, layout: str, out_root: Path):
+def _export(target: str, layout: str, embed: str, out_root: Path):
     """(ONNX folder, name, recipe, quantized model or None) for a benchmark target."""
     if target.startswith("onnx:"):  # written by another tool (onnxruntime-genai's builder)
         out = Path(target[len("onnx:"):])
@@ -50,19 +53,24 @@ def _export(target: str, layout: str, out_root: Path):
         name = target.replace(":", "-")
     else:
         qm, name = QuantizedModel.load(target), Path(target).name
-    out = write_onnx(qm, out_root / f"{name}-{layout}", dsq_layout=layout, force=True)
+    if embed != "float":
+        qm = quantize_embeddings(qm, int(embed[1:]), EMBED_GROUP)
+        name += f"-emb{embed}"
+    out = write_onnx(qm, out_root / f"{name}-{layout}", dsq_layout=layout, force=True,
+                     embed="float" if embed == "float" else "quantized")
     return out, name, {k: qm.recipe.get(k) for k in ("method", "bits", "group_size")}, qm
 
 
-def bench(target: str, layout: str, windows: int, out_root: Path) -> list[dict]:
+def bench(target: str, layout: str, embed: str, windows: int, out_root: Path) -> list[dict]:
     text = read_text(DATA / "test.txt")
-    out, name, recipe, qm = _export(target, layout, out_root)
+    out, name, recipe, qm = _export(target, layout, embed, out_root)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
     torch_ppl = None
     if qm is not None:
         torch_ppl = round(perplexity(TorchBackend(qm.to_torch(), qm.tokenizer), text, 512, windows).ppl, 3)
     quantized = any(n.op_type == "MatMulNBits" for n in onnx.load(str(out / "model.onnx"),
                                                                    load_external_data=False).graph.node)
+    has_rbin = qm is not None and any(ql.grid.kind == "rbin" for ql in qm.linears.values())
     rows = []
     for level in ((0, 4) if quantized else (None,)):
         rss = psutil.Process().memory_info().rss
@@ -70,7 +78,7 @@ def bench(target: str, layout: str, windows: int, out_root: Path) -> list[dict]:
         mem = (psutil.Process().memory_info().rss - rss) / 2**20
         ppl = perplexity(dec, text, 512, windows).ppl
         prefill, decode = _speed(dec, dec.tokenize(text[:20000])[:512])
-        rows.append({"ckpt": name, "recipe": recipe, "layout": layout if qm is not None else "-",
+        rows.append({"ckpt": name, "recipe": recipe, "layout": layout if has_rbin else "-",
                      "accuracy_level": level, "file_mb": round(size / 2**20, 1),
                      "session_mb": round(mem, 1), "ppl_ort": round(ppl, 3), "ppl_torch": torch_ppl,
                      "windows": windows, "prefill_tok_s": round(prefill, 1), "decode_tok_s": round(decode, 1),
@@ -95,6 +103,8 @@ def main() -> None:
     ap.add_argument("targets", nargs="*",
                     help="checkpoint dir | float:MODEL (the unquantized model) | onnx:DIR (another tool's export)")
     ap.add_argument("--layouts", nargs="*", default=["planes"])
+    ap.add_argument("--embeds", nargs="*", default=["float"], choices=["float", "q4", "q8"],
+                    help="embedding table (and tied lm_head) float or RTN q4/q8 (block 64)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("runs/onnx"))
     ap.add_argument("--table", action="store_true")
@@ -104,8 +114,10 @@ def main() -> None:
         return
     a.out.mkdir(parents=True, exist_ok=True)
     for target in a.targets:
-        for layout in a.layouts if not target.startswith(("onnx:", "float:")) else ["-"]:
-            for row in bench(target, layout, a.windows, a.out):
+        external = target.startswith("onnx:")
+        for layout, embed in itertools.product(a.layouts[:1] if external or target.startswith("float:") else a.layouts,
+                                               ["float"] if external else a.embeds):
+            for row in bench(target, layout, embed, a.windows, a.out):
                 append_row(RESULTS, row)
 
 

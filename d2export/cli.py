@@ -39,6 +39,7 @@ def _friendly(fn):
     return run
 
 
+EMBED_BITS = {"float": None, "q4": 4, "q8": 8}
 SaveCheckpoint = Annotated[Path | None, typer.Option(
     help="also keep the calibrated checkpoint here, so `d2export verify` and other exports can reuse it")]
 
@@ -148,11 +149,14 @@ def onnx(
     dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
     dsq_layout: Annotated[str, typer.Option(help="how DSQ's residual-binary down_proj is carried: planes | lut")] = "planes",
     accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy_level: 0 exact float, 4 int8 activations")] = 0,
+    embed: Annotated[str, typer.Option(help="float | q4 | q8: embedding table (and a tied lm_head) in float32 "
+                                            "or RTN-quantized at 4/8 bits (GatherBlockQuantized)")] = "float",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run onnxruntime parity after writing")] = True,
     save_checkpoint: SaveCheckpoint = None,
 ):
     """Calibrate MODEL and write a MatMulNBits decoder with KV cache for stock onnxruntime."""
     from converters.onnx import DSQ_LAYOUTS, write_onnx
+    from d2quant.pipeline import quantize_embeddings
 
     if bits not in (2, 3, 4, 8):
         raise D2Error(f"--bits {bits} cannot run in onnxruntime; possible: 2, 3 (in the 4-bit container), 4, 8")
@@ -162,14 +166,19 @@ def onnx(
         raise D2Error(f"--dsq-layout must be one of {', '.join(DSQ_LAYOUTS)}, got {dsq_layout!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise D2Error(f"--accuracy-level must be 0..4 (0 exact float, 4 int8 activations), got {accuracy_level}")
+    if embed not in EMBED_BITS:
+        raise D2Error(f"--embed must be one of {', '.join(EMBED_BITS)}, got {embed!r}")
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-w{bits}g{block_size}-onnx")
     check_output(output, force)
     _check_checkpoint_dir(save_checkpoint, force)
     opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp)
     qm = load_or_calibrate(model, opts, bits, block_size)
     _save_checkpoint(qm, save_checkpoint, force)
+    if EMBED_BITS[embed]:
+        qm = quantize_embeddings(qm, EMBED_BITS[embed], block_size)
     with console.status("writing ONNX"):
-        write_onnx(qm, output, dsq_layout=dsq_layout, accuracy_level=accuracy_level, force=force)
+        write_onnx(qm, output, embed="float" if embed == "float" else "quantized",
+                   dsq_layout=dsq_layout, accuracy_level=accuracy_level, force=force)
     size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB)")
     if verify:

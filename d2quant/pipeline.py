@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -334,6 +334,26 @@ class Calibrator:
         return QuantizedModel(spec=spec, linears=self.linears, tensors=tensors,
                               recipe=asdict(self.cfg), report=self.report,
                               source=dict(self.src.info), tokenizer=self.src.tokenizer)
+
+
+def quantize_embeddings(qm: QuantizedModel, bits: int, group: int) -> QuantizedModel:
+    """The embedding table rounded (RTN) onto a uniform grid; a tied lm_head reads the same codes.
+
+    Needs no calibration data, so it applies to a fresh calibration and a saved checkpoint alike and
+    is re-derived exactly from the checkpoint when an export is verified.
+    """
+    if "model.embed_tokens" in qm.linears:
+        raise D2Error("the embeddings are already quantized in this model")
+    w = qm.tensors["model.embed_tokens.weight"].float()
+    grid = UniformGrid(bits, group)
+    grid.check_shape(*w.shape)
+    with single_thread():
+        s = rtn(w, grid)
+    tensors = {k: v for k, v in qm.tensors.items() if k != "model.embed_tokens.weight"}
+    if qm.spec.tie_embeddings and "lm_head.weight" in tensors:
+        raise D2Error("the model ties its embeddings but also carries an lm_head.weight; inconsistent")
+    return replace(qm, linears={**qm.linears, "model.embed_tokens": QuantizedLinear(grid, s.codes, s.params)},
+                   tensors=tensors, recipe={**qm.recipe, "embed_bits": bits, "embed_group": group})
 
 
 def quantize(src: Source, calib: torch.Tensor | None, cfg: QuantConfig,

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from converters.onnx import MODEL_FILE, decode_weight, read_metadata
 from d2quant.errors import D2Error
+from d2quant.pipeline import quantize_embeddings
 from d2quant.qmodel import QuantizedModel
 
 DEFAULT_PROMPTS = ("The capital of France is", "Once upon a time, there was a",
@@ -192,6 +193,16 @@ def _reference_tensor(qm: QuantizedModel, name: str) -> np.ndarray:
     return qm.tensors[name].float().numpy()
 
 
+def reference_for(model_dir: str | Path, qm: QuantizedModel) -> QuantizedModel:
+    """The checkpoint as exported: embeddings quantized at export time (RTN, deterministic) are
+    re-derived from the checkpoint's float table with the file's recorded grid."""
+    meta = read_metadata(onnx.load(str(Path(model_dir) / MODEL_FILE), load_external_data=False))
+    emb = meta["linears"].get("model.embed_tokens")
+    if meta.get("embed") == "quantized" and emb and "model.embed_tokens" not in qm.linears:
+        return quantize_embeddings(qm, emb["bits"], emb["block_size"])
+    return qm
+
+
 def check_weights(model_dir: str | Path, qm: QuantizedModel) -> dict:
     """(a): decode every stored weight from the file and compare with the quantized model exactly."""
     model = onnx.load(str(Path(model_dir) / MODEL_FILE))
@@ -344,6 +355,7 @@ def verify_onnx(model_dir: str | Path, qm: QuantizedModel, *, text: str | None =
     Each accuracy level in ``accuracy_levels`` gets a session; levels 0/1 are judged against
     THRESHOLDS, others (4: int8 activations) are measured and reported with ``passed: None``.
     """
+    qm = reference_for(model_dir, qm)
     result: dict = {"model_dir": str(model_dir), "weights": check_weights(model_dir, qm)}
     torch_model = qm.to_torch()
     windows = _windows(qm, text, n_windows, window_len)

@@ -39,6 +39,12 @@ def test_quantize_eval_gguf_end_to_end(tiny_hf_dir, tmp_path):
     assert "PASS" in r.output and g.stat().st_size > 0
     r = invoke("eval", g, "--text", text, "--ctx", "128", "--max-windows", "3", "--json")
     assert json.loads(r.stdout.strip().splitlines()[-1])["backend"] == "llamacpp"
+    # the checkpoint to ONNX with 4-bit embeddings, then verified against the checkpoint itself
+    o = tmp_path / "onnx"
+    r = invoke("onnx", ck, "-o", o, "--block-size", "32", "--embed", "q4")
+    assert r.exit_code == 0, r.output
+    r = invoke("verify", o, "--reference", ck, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout.strip().splitlines()[-1])["passed"], r.output
 
 
 def _bad(tmp_path, *args, match):
@@ -72,6 +78,8 @@ def test_bad_options(tiny_hf_dir, tmp_path):
     short.write_text("only a few words")
     _bad(tmp_path, "quantize", tiny_hf_dir, "--calib", short, match="fewer than one sample")
     _bad(tmp_path, "gguf", tiny_hf_dir, "--type", "Q1_X", match="unknown --type")
+    _bad(tmp_path, "onnx", tiny_hf_dir, "--embed", "q2", match="--embed")
+    _bad(tmp_path, "gguf", tiny_hf_dir, "--save-checkpoint", tmp_path, match="--force")
     exists = tmp_path / "out"
     exists.mkdir()
     r = invoke("quantize", tiny_hf_dir, "-o", exists, *CAL)

@@ -16,6 +16,7 @@ from converters.onnx.packing import (container_bits, dequantize_blocks, pack_cod
                                      pack_zero_points, unpack_codes, unpack_zero_points)
 from d2quant.errors import D2Error
 from d2quant.grids import DualScaleGrid, Grid, UniformGrid
+from d2quant.pipeline import quantize_embeddings
 from d2quant.qmodel import QuantizedLinear
 from runtime_tests.onnxrt import OrtDecoder, verify_onnx
 from tests.tiny_models import tiny_quantized_model
@@ -181,6 +182,20 @@ def test_tied_quantized_embeddings_in_float_mode(tmp_path):
     assert meta["linears"]["lm_head"] == {**meta["linears"]["lm_head"], "layout": "matmulnbits",
                                           "source": "model.embed_tokens"}
     _assert_passed(verify_onnx(out, qm, accuracy_levels=(0,), **FAST))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_embeddings_quantized_at_export_verify_against_the_float_checkpoint(tmp_path, bits):
+    """`d2export onnx --embed q4|q8`: RTN at export time, re-derived from the checkpoint to verify."""
+    qm = tiny_quantized_model("llama", bits=3, group=16)  # tied, DAC lm_head bias
+    assert "model.embed_tokens" not in qm.linears
+    out = write_onnx(quantize_embeddings(qm, bits, 16), tmp_path / "onnx", embed="quantized")
+    meta = read_metadata(onnx.load(str(out / MODEL_FILE), load_external_data=False))
+    assert meta["linears"]["model.embed_tokens"]["bits"] == bits
+    assert meta["linears"]["lm_head"]["layout"] == "matmulnbits"  # tied: the same codes
+    _assert_passed(verify_onnx(out, qm, accuracy_levels=(0,), **FAST))
+    with pytest.raises(D2Error, match="already quantized"):
+        quantize_embeddings(quantize_embeddings(qm, bits, 16), bits, 16)
 
 
 def test_genai_config_and_tokenizer(tmp_path):
