@@ -43,7 +43,7 @@ def _speed(dec: OrtDecoder, ids: list[int]) -> tuple[float, float]:
     return prefill, n / (time.perf_counter() - t)
 
 
-def _export(target: str, layout: str, embed: str, out_root: Path):
+def _export(target: str, layout: str, embed: str, attention: str, out_root: Path):
     """(ONNX folder, name, recipe, quantized model or None) for a benchmark target."""
     if target.startswith("onnx:"):  # written by another tool (onnxruntime-genai's builder)
         out = Path(target[len("onnx:"):])
@@ -56,14 +56,17 @@ def _export(target: str, layout: str, embed: str, out_root: Path):
     if embed != "float":
         qm = quantize_embeddings(qm, int(embed[1:]), EMBED_GROUP)
         name += f"-emb{embed}"
+    if attention != "gqa":
+        name += f"-{attention}"
     out = write_onnx(qm, out_root / f"{name}-{layout}", dsq_layout=layout, force=True,
-                     embed="float" if embed == "float" else "quantized")
+                     embed="float" if embed == "float" else "quantized", attention=attention)
     return out, name, {k: qm.recipe.get(k) for k in ("method", "bits", "group_size")}, qm
 
 
-def bench(target: str, layout: str, embed: str, windows: int, out_root: Path) -> list[dict]:
+def bench(target: str, layout: str, embed: str, attention: str, windows: int,
+          out_root: Path) -> list[dict]:
     text = read_text(DATA / "test.txt")
-    out, name, recipe, qm = _export(target, layout, embed, out_root)
+    out, name, recipe, qm = _export(target, layout, embed, attention, out_root)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
     torch_ppl = None
     if qm is not None:
@@ -105,6 +108,7 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="*", default=["planes"])
     ap.add_argument("--embeds", nargs="*", default=["float"], choices=["float", "q4", "q8"],
                     help="embedding table (and tied lm_head) float or RTN q4/q8 (block 64)")
+    ap.add_argument("--attentions", nargs="*", default=["gqa"], choices=["gqa", "ops"])
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("runs/onnx"))
     ap.add_argument("--table", action="store_true")
@@ -115,9 +119,10 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     for target in a.targets:
         external = target.startswith("onnx:")
-        for layout, embed in itertools.product(a.layouts[:1] if external or target.startswith("float:") else a.layouts,
-                                               ["float"] if external else a.embeds):
-            for row in bench(target, layout, embed, a.windows, a.out):
+        for layout, embed, attention in itertools.product(
+                a.layouts[:1] if external or target.startswith("float:") else a.layouts,
+                ["float"] if external else a.embeds, ["gqa"] if external else a.attentions):
+            for row in bench(target, layout, embed, attention, a.windows, a.out):
                 append_row(RESULTS, row)
 
 

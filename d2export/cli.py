@@ -151,11 +151,12 @@ def onnx(
     accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy_level: 0 exact float, 4 int8 activations")] = 0,
     embed: Annotated[str, typer.Option(help="float | q4 | q8: embedding table (and a tied lm_head) in float32 "
                                             "or RTN-quantized at 4/8 bits (GatherBlockQuantized)")] = "float",
+    attention: Annotated[str, typer.Option(help="gqa: contrib GroupQueryAttention (faster) | ops: standard ONNX ops")] = "gqa",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run onnxruntime parity after writing")] = True,
     save_checkpoint: SaveCheckpoint = None,
 ):
     """Calibrate MODEL and write a MatMulNBits decoder with KV cache for stock onnxruntime."""
-    from converters.onnx import DSQ_LAYOUTS, write_onnx
+    from converters.onnx import ATTENTION_MODES, DSQ_LAYOUTS, write_onnx
     from d2quant.pipeline import quantize_embeddings
 
     if bits not in (2, 3, 4, 8):
@@ -166,6 +167,8 @@ def onnx(
         raise D2Error(f"--dsq-layout must be one of {', '.join(DSQ_LAYOUTS)}, got {dsq_layout!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise D2Error(f"--accuracy-level must be 0..4 (0 exact float, 4 int8 activations), got {accuracy_level}")
+    if attention not in ATTENTION_MODES:
+        raise D2Error(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     if embed not in EMBED_BITS:
         raise D2Error(f"--embed must be one of {', '.join(EMBED_BITS)}, got {embed!r}")
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-w{bits}g{block_size}-onnx")
@@ -178,7 +181,8 @@ def onnx(
         qm = quantize_embeddings(qm, EMBED_BITS[embed], block_size)
     with console.status("writing ONNX"):
         write_onnx(qm, output, embed="float" if embed == "float" else "quantized",
-                   dsq_layout=dsq_layout, accuracy_level=accuracy_level, force=force)
+                   dsq_layout=dsq_layout, accuracy_level=accuracy_level, attention=attention,
+                   force=force)
     size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB)")
     if verify:

@@ -116,6 +116,20 @@ def test_decoder_parity(tmp_path, arch, rbin_bits, layout):
         assert "model.layers.0.self_attn.k_proj" in biased
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])  # plain, q/k norm, sliding window
+def test_standard_ops_attention_matches_gqa(tmp_path, arch):
+    qm = tiny_quantized_model(arch, bits=4, group=16, rbin_down_bits=3)
+    ops_dir = write_onnx(qm, tmp_path / "ops", attention="ops")
+    r = verify_onnx(ops_dir, qm, accuracy_levels=(0,), **FAST)
+    _assert_passed(r)  # includes one-token-at-a-time KV decode == full sequence
+    assert r["accuracy_level_0"]["logits"]["rel_max_abs_diff"] < 1e-5
+    ops = {n.op_type for n in onnx.load(str(ops_dir / MODEL_FILE), load_external_data=False).graph.node}
+    assert "GroupQueryAttention" not in ops and {"Softmax", "MatMul", "Range"} <= ops
+    gqa = OrtDecoder(write_onnx(qm, tmp_path / "gqa"))
+    ids = list(range(3, 40))
+    assert np.abs(OrtDecoder(ops_dir).logits(ids) - gqa.logits(ids)).max() < 1e-4
+
+
 @pytest.mark.parametrize("dsq_layout", ["planes", "lut"])
 def test_weights_after_session_folding(tmp_path, dsq_layout):
     """The widened 4-bit weights onnxruntime computes with (after folding the constant subgraphs)

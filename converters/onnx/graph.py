@@ -6,12 +6,15 @@ Interface (onnxruntime-genai / optimum convention): inputs ``input_ids`` [batch,
 [batch, kv_heads, total, head_dim]. Start with past length 0.
 
 Ops: RMSNorm is ``SimplifiedLayerNormalization`` (onnxruntime's RMSNorm kernel, the one its own
-model builder emits); attention is ``com.microsoft.GroupQueryAttention`` with rotary embedding
+model builder emits); attention (``attention="gqa"``, the default) is ``com.microsoft.GroupQueryAttention`` with rotary embedding
 inside (do_rotary, half-split layout as transformers' rotate_half) from cos/sin caches computed by
 transformers' own rotary module, so any static RoPE scaling (linear, llama3, yarn) is reproduced
 exactly. GQA appends the new keys/values to the past itself, handles kv-head sharing and the causal
 mask, and is what onnxruntime-genai drives. Its CPU kernel supports batches whose sequences are
 right-padded (the attention mask gives each sequence's length), not left padding.
+``attention="ops"`` builds the same attention from standard ONNX ops (Gather'd RoPE tables, MatMul,
+Softmax with an additive causal / padding / sliding-window mask, Concat for the cache), for
+runtimes without the contrib op; BENCHMARKS.md compares their speed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from d2quant.errors import D2Error
 from d2quant.qmodel import QuantizedModel
 
 EMBED_MODES = ("float", "quantized")
+ATTENTION_MODES = ("gqa", "ops")  # contrib GroupQueryAttention | standard ONNX ops
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
 _HF_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
@@ -65,9 +69,14 @@ class DecoderBuilder:
     """Builds the graph of ``qm`` into a GraphStore; ``meta`` maps every weight to its initializers."""
 
     def __init__(self, qm: QuantizedModel, g: GraphStore, *, embed: str, dsq_layout: str,
-                 accuracy_level: int):
+                 accuracy_level: int, attention: str = "gqa"):
         if embed not in EMBED_MODES:
             raise D2Error(f"unknown embedding mode {embed!r}; choose one of {', '.join(EMBED_MODES)}")
+        if attention not in ATTENTION_MODES:
+            raise D2Error(f"unknown attention mode {attention!r}; choose one of {', '.join(ATTENTION_MODES)}")
+        self.attention = attention
+        self._masks: dict[int | None, str] = {}  # standard-ops attention: additive mask per window
+        self._total: str | None = None
         act = qm.spec.hf_config.get("hidden_act", "silu")
         if act != "silu":
             raise D2Error(f"activation {act!r} is not supported by the ONNX export (SwiGLU/silu only)")
@@ -136,15 +145,16 @@ class DecoderBuilder:
                                                             TensorProto.FLOAT, kv_shape("past")))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT,
                                                              kv_shape("total")))
-        # GQA's view of the mask: per-sequence length - 1, and the longest total length
-        mask_len = g.op("ReduceSum", ["attention_mask", g.const([1])], "attn/mask_sum", keepdims=0)
-        seqlens = g.op("Cast", [g.op("Sub", [mask_len, g.const(1)], "attn/mask_sub")],
-                       "attn/seqlens_k", to=TensorProto.INT32)
-        total = g.op("Gather", [g.op("Shape", ["attention_mask"], "attn/mask_shape"), g.const(1)],
-                     "attn/total_len_i64", axis=0)
-        total = g.op("Cast", [total], "attn/total_len", to=TensorProto.INT32)
+        seqlens = total = None
+        if self.attention == "gqa":  # GQA's view of the mask: per-sequence length - 1, longest total
+            mask_len = g.op("ReduceSum", ["attention_mask", g.const([1])], "attn/mask_sum", keepdims=0)
+            seqlens = g.op("Cast", [g.op("Sub", [mask_len, g.const(1)], "attn/mask_sub")],
+                           "attn/seqlens_k", to=TensorProto.INT32)
+            total = g.op("Cast", [self._total_len()], "attn/total_len", to=TensorProto.INT32)
         cos, sin = rope_caches(self.qm)
         cos, sin = g.init("rope.cos_cache", cos), g.init("rope.sin_cache", sin)
+        if self.attention == "ops":  # [B, 1, S, D] tables at the tokens' positions, for all layers
+            cos, sin = self._rope_at_positions(cos, "cos"), self._rope_at_positions(sin, "sin")
 
         x = self.embedding()
         for i, window in enumerate(sliding_windows(self.qm)):
@@ -187,21 +197,103 @@ class DecoderBuilder:
         if f"{p}.self_attn.q_norm.weight" in self.qm.tensors:  # Qwen3: RMSNorm per head before RoPE
             q = self.head_norm(f"{p}.self_attn.q_norm", q, spec.heads)
             k = self.head_norm(f"{p}.self_attn.k_norm", k, spec.kv_heads)
-        attn = g.op("GroupQueryAttention",
-                    [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
-                     total, cos, sin, "position_ids"],
-                    f"{p}.self_attn/GroupQueryAttention", domain=MS,
-                    outputs=[f"{p}.self_attn/attn", f"present.{i}.key", f"present.{i}.value"],
-                    num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1,
-                    rotary_interleaved=0, scale=float(spec.head_dim ** -0.5),
-                    local_window_size=window)
-        x = g.op("Add", [x, self.linear(f"{p}.self_attn.o_proj", attn[0])], f"{p}/attn_residual")
+        if self.attention == "ops":
+            attn = self.ops_attention(i, q, k, v, cos, sin, window)
+        else:
+            attn = g.op("GroupQueryAttention",
+                        [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
+                         total, cos, sin, "position_ids"],
+                        f"{p}.self_attn/GroupQueryAttention", domain=MS,
+                        outputs=[f"{p}.self_attn/attn", f"present.{i}.key", f"present.{i}.value"],
+                        num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1,
+                        rotary_interleaved=0, scale=float(spec.head_dim ** -0.5),
+                        local_window_size=window)[0]
+        x = g.op("Add", [x, self.linear(f"{p}.self_attn.o_proj", attn)], f"{p}/attn_residual")
         h = self.rms_norm(f"{p}.post_attention_layernorm", x)
         gate = self.linear(f"{p}.mlp.gate_proj", h)
         up = self.linear(f"{p}.mlp.up_proj", h)
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp/sigmoid")], f"{p}.mlp/silu")
         down = self.linear(f"{p}.mlp.down_proj", g.op("Mul", [act, up], f"{p}.mlp/swiglu"))
         return g.op("Add", [x, down], f"{p}/mlp_residual")
+
+    # ---- attention in standard ONNX ops -----------------------------------------------------
+    def _total_len(self) -> str:
+        """Past + new tokens, as the attention mask's length (int64 scalar), made once."""
+        if self._total is None:
+            g = self.g
+            self._total = g.op("Gather", [g.op("Shape", ["attention_mask"], "attn/mask_shape"),
+                                          g.const(1)], "attn/total_len_i64", axis=0)
+        return self._total
+
+    def _rope_at_positions(self, table: str, name: str) -> str:
+        """A [max_positions, D/2] cos or sin table -> [B, 1, S, D] at position_ids (halves repeated,
+        the rotate_half form)."""
+        g = self.g
+        half = g.op("Gather", [table, "position_ids"], f"rope/{name}_at_positions", axis=0)
+        full = g.op("Concat", [half, half], f"rope/{name}_full", axis=-1)
+        return g.op("Unsqueeze", [full, g.const([1])], f"rope/{name}_per_head")
+
+    def _heads(self, name: str, x: str, heads: int) -> str:
+        """[B, S, heads * D] -> [B, heads, S, D]."""
+        g = self.g
+        split = g.op("Reshape", [x, g.const([0, 0, heads, self.spec.head_dim])], f"{name}/split_heads")
+        return g.op("Transpose", [split], f"{name}/heads_first", perm=[0, 2, 1, 3])
+
+    def _rotate(self, name: str, x: str, cos: str, sin: str) -> str:
+        """RoPE on [B, heads, S, D]: x * cos + rotate_half(x) * sin."""
+        g, half = self.g, self.spec.head_dim // 2
+        x1 = g.op("Slice", [x, g.const([0]), g.const([half]), g.const([3])], f"{name}/first_half")
+        x2 = g.op("Slice", [x, g.const([half]), g.const([2 * half]), g.const([3])], f"{name}/second_half")
+        rot = g.op("Concat", [g.op("Neg", [x2], f"{name}/neg_second_half"), x1], f"{name}/rotate_half",
+                   axis=3)
+        return g.op("Add", [g.op("Mul", [x, cos], f"{name}/x_cos"), g.op("Mul", [rot, sin], f"{name}/rot_sin")],
+                    f"{name}/rope")
+
+    def _mask(self, window: int | None) -> str:
+        """Additive mask [B, 1, 1, S, T]: 0 where a query may see a key; float32's lowest value for
+        keys after its position, padding (attention_mask 0) and keys beyond a sliding window."""
+        if window in self._masks:
+            return self._masks[window]
+        g, n = self.g, f"attn_mask_w{window or 0}"
+        keys = g.op("Range", [g.const(0), self._total_len(), g.const(1)], f"{n}/key_index")
+        pos = g.op("Unsqueeze", ["position_ids", g.const([2])], f"{n}/query_position")  # [B, S, 1]
+        blocked = g.op("Greater", [keys, pos], f"{n}/future")  # [B, S, T]
+        pad = g.op("Unsqueeze", [g.op("Equal", ["attention_mask", g.const(0)], f"{n}/is_padding"),
+                                 g.const([1])], f"{n}/padding")  # [B, 1, T]
+        blocked = g.op("Or", [blocked, pad], f"{n}/future_or_padding")
+        if window:  # a query sees `window` tokens, itself included
+            start = g.op("Sub", [pos, g.const(window - 1)], f"{n}/window_start")
+            blocked = g.op("Or", [blocked, g.op("Less", [keys, start], f"{n}/before_window")],
+                           f"{n}/blocked")
+        bias = g.op("Where", [blocked, g.const(np.finfo(np.float32).min, np.float32),
+                              g.const(0.0, np.float32)], f"{n}/additive")
+        self._masks[window] = g.op("Unsqueeze", [bias, g.const([1, 2])], f"{n}/per_group")
+        return self._masks[window]
+
+    def ops_attention(self, i: int, q: str, k: str, v: str, cos: str, sin: str,
+                      window: int | None) -> str:
+        """Grouped-query attention with the KV cache in standard ops (what GQA does, unfused)."""
+        g, spec, n = self.g, self.spec, f"model.layers.{i}.self_attn"
+        kvh, d = spec.kv_heads, spec.head_dim
+        qh = self._rotate(f"{n}/q", self._heads(f"{n}/q", q, spec.heads), cos, sin)
+        kh = self._rotate(f"{n}/k", self._heads(f"{n}/k", k, kvh), cos, sin)
+        keys = g.op("Concat", [f"past_key_values.{i}.key", kh], f"{n}/present_key",
+                    outputs=[f"present.{i}.key"], axis=2)  # [B, KV, T, D]
+        values = g.op("Concat", [f"past_key_values.{i}.value", self._heads(f"{n}/v", v, kvh)],
+                      f"{n}/present_value", outputs=[f"present.{i}.value"], axis=2)
+        # heads are kv-major (head h reads kv head h // group): [B, KV, group, S, D]
+        qg = g.op("Reshape", [qh, g.const([0, kvh, spec.heads // kvh, -1, d])], f"{n}/q_groups")
+        kt = g.op("Unsqueeze", [g.op("Transpose", [keys], f"{n}/keys_t", perm=[0, 1, 3, 2]),
+                                g.const([2])], f"{n}/keys_t_per_group")
+        scores = g.op("Mul", [g.op("MatMul", [qg, kt], f"{n}/qk"), g.const(d ** -0.5, np.float32)],
+                      f"{n}/scaled_qk")
+        probs = g.op("Softmax", [g.op("Add", [scores, self._mask(window)], f"{n}/masked_qk")],
+                     f"{n}/probs", axis=-1)
+        ctx = g.op("MatMul", [probs, g.op("Unsqueeze", [values, g.const([2])], f"{n}/values_per_group")],
+                   f"{n}/context_groups")  # [B, KV, group, S, D]
+        ctx = g.op("Reshape", [ctx, g.const([0, spec.heads, -1, d])], f"{n}/context_heads")
+        ctx = g.op("Transpose", [ctx], f"{n}/context_tokens_first", perm=[0, 2, 1, 3])
+        return g.op("Reshape", [ctx, g.const([0, 0, spec.heads * d])], f"{n}/attn")
 
     def head_norm(self, name: str, x: str, heads: int) -> str:
         g = self.g

@@ -36,14 +36,15 @@ def _estimated_bytes(qm: QuantizedModel) -> int:
 
 
 def write_onnx(qm: QuantizedModel, out_dir: str | Path, *, embed: str = "float",
-               dsq_layout: str = "planes", accuracy_level: int = 0,
+               dsq_layout: str = "planes", accuracy_level: int = 0, attention: str = "gqa",
                external_data: bool = True, force: bool = False) -> Path:
     """Write the decoder of ``qm`` for onnxruntime; return the output directory.
 
     embed: "float" (Gather) or "quantized" (GatherBlockQuantized; needs a quantized
     ``model.embed_tokens``). dsq_layout: how DSQ residual-binary weights are carried ("planes" or
     "lut", see converters.onnx.layouts). accuracy_level: MatMulNBits' attribute (0: float
-    activations, exact; 4: int8 activations, faster). external_data: tensors in model.onnx.data
+    activations, exact; 4: int8 activations, faster). attention: "gqa" (contrib
+    GroupQueryAttention) or "ops" (standard ONNX ops). external_data: tensors in model.onnx.data
     (onnxruntime memory-maps it: half the memory and a faster start than one file; required above
     protobuf's 2 GB).
     """
@@ -62,7 +63,7 @@ def write_onnx(qm: QuantizedModel, out_dir: str | Path, *, embed: str = "float",
     store = GraphStore(tmp / DATA_FILE if external_data else None)
     try:
         builder = DecoderBuilder(qm, store, embed=embed, dsq_layout=dsq_layout,
-                                 accuracy_level=accuracy_level)
+                                 accuracy_level=accuracy_level, attention=attention)
         inputs, outputs = builder.build()
         store.close()
         graph = helper.make_graph(store.nodes, "d2export_decoder", inputs, outputs, store.initializers)
@@ -70,7 +71,7 @@ def write_onnx(qm: QuantizedModel, out_dir: str | Path, *, embed: str = "float",
                                   opset_imports=[helper.make_opsetid("", OPSET),
                                                  helper.make_opsetid(MS, 1)])
         meta = {"format": FORMAT, "version": VERSION, "arch": qm.spec.arch, "embed": embed,
-                "dsq_layout": dsq_layout, "accuracy_level": accuracy_level,
+                "dsq_layout": dsq_layout, "accuracy_level": accuracy_level, "attention": attention,
                 "recipe": qm.recipe, **builder.meta}
         helper.set_model_props(model, {METADATA_KEY: json.dumps(meta)})
         (tmp / MODEL_FILE).write_bytes(model.SerializeToString())
