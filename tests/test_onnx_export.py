@@ -206,7 +206,10 @@ def test_embeddings_quantized_at_export_verify_against_the_float_checkpoint(tmp_
     out = write_onnx(quantize_embeddings(qm, bits, 16), tmp_path / "onnx", embed="quantized")
     meta = read_metadata(onnx.load(str(out / MODEL_FILE), load_external_data=False))
     assert meta["linears"]["model.embed_tokens"]["bits"] == bits
-    assert meta["linears"]["lm_head"]["layout"] == "matmulnbits"  # tied: the same codes
+    assert meta["linears"]["lm_head"]["layout"] == "matmulnbits"  # tied: the same codes...
+    names = [t.name for t in onnx.load(str(out / MODEL_FILE), load_external_data=False).graph.initializer]
+    assert meta["linears"]["lm_head"]["B"] == "model.embed_tokens.qweight"  # ...stored once
+    assert not any(n.startswith("lm_head.q") for n in names)
     _assert_passed(verify_onnx(out, qm, accuracy_levels=(0,), **FAST))
     with pytest.raises(D2Error, match="already quantized"):
         quantize_embeddings(quantize_embeddings(qm, bits, 16), bits, 16)

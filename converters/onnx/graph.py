@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from converters.onnx.layouts import MS, emit_embedding, emit_linear, to_numpy
+from converters.onnx.layouts import MS, UniformTable, emit_embedding, emit_linear, to_numpy
 from converters.onnx.store import GraphStore
 from d2quant.errors import D2Error
 from d2quant.qmodel import QuantizedModel
@@ -77,6 +77,7 @@ class DecoderBuilder:
         self.attention = attention
         self._masks: dict[int | None, str] = {}  # standard-ops attention: additive mask per window
         self._total: str | None = None
+        self._tables: dict[str, UniformTable] = {}  # quantized tables a tied lm_head reuses
         act = qm.spec.hf_config.get("hidden_act", "silu")
         if act != "silu":
             raise D2Error(f"activation {act!r} is not supported by the ONNX export (SwiGLU/silu only)")
@@ -105,7 +106,8 @@ class DecoderBuilder:
             if ql.bias is None and f"{name}.bias" in self.qm.tensors:  # lm_head's DAC shift
                 ql = replace(ql, bias=self.qm.tensors[f"{name}.bias"])
             out, meta = emit_linear(self.g, name, ql, x, dsq_layout=self.dsq_layout,
-                                    accuracy_level=self.accuracy_level)
+                                    accuracy_level=self.accuracy_level,
+                                    stored=self._tables.get(source))
         else:
             w = self.tensor(f"{source}.weight")
             bias = self.tensor(f"{name}.bias") if f"{name}.bias" in self.qm.tensors else None
@@ -171,7 +173,8 @@ class DecoderBuilder:
             if ql is None:
                 raise D2Error("the model's embeddings are not quantized; quantize them in the "
                               "calibration step or export with float embeddings")
-            out, meta = emit_embedding(self.g, "model.embed_tokens", ql, "input_ids")
+            out, meta, self._tables["model.embed_tokens"] = emit_embedding(
+                self.g, "model.embed_tokens", ql, "input_ids")
             meta["source"] = "model.embed_tokens"
             self.meta["linears"]["model.embed_tokens"] = meta
             return out

@@ -25,6 +25,7 @@ onnxruntime folds once at session start (before MatMulNBits prepacks its weights
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -50,14 +51,15 @@ def _per_row(p: np.ndarray, n: int) -> np.ndarray:
 
 
 def emit_linear(g: GraphStore, name: str, ql: QuantizedLinear, x: str, *, dsq_layout: str,
-                accuracy_level: int) -> tuple[str, dict]:
-    """Nodes computing x @ W^T (+ bias) for the quantized linear ``name``; (output, metadata)."""
+                accuracy_level: int, stored: UniformTable | None = None) -> tuple[str, dict]:
+    """Nodes computing x @ W^T (+ bias) for the quantized linear ``name``; (output, metadata).
+    ``stored``: the weight's initializers, already in the graph (a tied embedding's)."""
     if "col_scale" in ql.params:
         raise D2Error(f"{name}: the DSQ column scale is not folded into up_proj; ONNX export needs "
                       "the folded checkpoint that `d2export quantize` writes")
     bias = g.init(f"{name}.bias", to_numpy(ql.bias).astype(np.float32)) if ql.bias is not None else None
     if isinstance(ql.grid, UniformGrid):
-        return _uniform(g, name, ql, x, bias, accuracy_level)
+        return _uniform(g, name, ql, x, bias, accuracy_level, stored)
     if isinstance(ql.grid, ResidualBinaryGrid):
         if dsq_layout not in DSQ_LAYOUTS:
             raise D2Error(f"unknown DSQ layout {dsq_layout!r}; choose one of {', '.join(DSQ_LAYOUTS)}")
@@ -79,14 +81,34 @@ def _uniform_parts(name: str, ql: QuantizedLinear) -> tuple[np.ndarray, np.ndarr
     return to_numpy(ql.codes).astype(np.uint8), scales, zeros.astype(np.uint8), container_bits(grid.bits)
 
 
-def _uniform(g: GraphStore, name: str, ql: QuantizedLinear, x: str, bias: str | None,
-             accuracy_level: int) -> tuple[str, dict]:
+@dataclass(frozen=True)
+class UniformTable:
+    """The stored initializers of one uniform-grid matrix in MatMulNBits' layout; a tied embedding
+    Gather and the lm_head MatMul read the same ones."""
+
+    b: str  # uint8 [N, blocks, block * bits / 8]
+    scales: str  # as stored (fp16 where exact)
+    scales_f32: str  # what the ops take
+    zeros: str
+    n: int
+    k: int
+    bits: int
+    block: int
+
+
+def store_uniform(g: GraphStore, name: str, ql: QuantizedLinear) -> UniformTable:
     codes, scales, zeros, bits = _uniform_parts(name, ql)
     n, k = codes.shape
-    block = ql.grid.group
-    b = g.init(f"{name}.qweight", pack_codes(codes, bits, block, pad=zeros[:, -1]))
+    b = g.init(f"{name}.qweight", pack_codes(codes, bits, ql.grid.group, pad=zeros[:, -1]))
     s, s32 = _scales(g, name, scales)
     z = g.init(f"{name}.qzeros", pack_zero_points(zeros, bits))
+    return UniformTable(b, s, s32, z, n, k, bits, ql.grid.group)
+
+
+def _uniform(g: GraphStore, name: str, ql: QuantizedLinear, x: str, bias: str | None,
+             accuracy_level: int, stored: UniformTable | None = None) -> tuple[str, dict]:
+    t = stored or store_uniform(g, name, ql)
+    b, s, s32, z, n, k, bits, block = t.b, t.scales, t.scales_f32, t.zeros, t.n, t.k, t.bits, t.block
     run_bits, run_b, run_z = bits, b, z
     if bits == 2 and accuracy_level < 4:
         n_blocks = -(-k // block)
@@ -204,22 +226,23 @@ def _rbin_lut(g: GraphStore, name: str, x: str, b: str, r16: str, bias: str | No
 
 
 # ---- embeddings -------------------------------------------------------------------------------
-def emit_embedding(g: GraphStore, name: str, ql: QuantizedLinear, ids: str) -> tuple[str, dict]:
-    """Embedding lookup on a quantized table: GatherBlockQuantized along the hidden axis."""
+def emit_embedding(g: GraphStore, name: str, ql: QuantizedLinear,
+                   ids: str) -> tuple[str, dict, UniformTable]:
+    """Embedding lookup on a quantized table: GatherBlockQuantized along the hidden axis, on the
+    table stored in MatMulNBits' layout (a tied lm_head reuses it: one copy in the file)."""
     if not isinstance(ql.grid, UniformGrid):
         raise D2Error(f"{name}: grid {ql.grid!r} has no ONNX layout for embeddings; use a uniform grid")
-    codes, scales, zeros, bits = _uniform_parts(name, ql)
-    v, h = codes.shape
+    v, h = ql.shape
     if h % ql.grid.group:
         raise D2Error(f"{name}: hidden size {h} is not a multiple of the block size {ql.grid.group}; "
                       "keep the embeddings in float")
-    data = g.init(f"{name}.qweight", pack_codes(codes, bits, ql.grid.group).reshape(v, -1))
-    s, s32 = _scales(g, name, scales)
-    z = g.init(f"{name}.qzeros", pack_zero_points(zeros, bits))
-    out = g.op("GatherBlockQuantized", [data, ids, s32, z], f"{name}/GatherBlockQuantized", domain=MS,
-               bits=bits, block_size=ql.grid.group, gather_axis=0, quantize_axis=1)
-    return out, {"layout": "gather_block_quantized", "N": v, "K": h, "bits": bits,
-                 "block_size": ql.grid.group, "B": data, "scales": s, "zero_points": z, "bias": None}
+    t = store_uniform(g, name, ql)
+    rows = g.op("Reshape", [t.b, g.const([v, -1])], f"{name}/rows")
+    out = g.op("GatherBlockQuantized", [rows, ids, t.scales_f32, t.zeros], f"{name}/GatherBlockQuantized",
+               domain=MS, bits=t.bits, block_size=t.block, gather_axis=0, quantize_axis=1)
+    meta = {"layout": "gather_block_quantized", "N": v, "K": h, "bits": t.bits, "block_size": t.block,
+            "B": t.b, "scales": t.scales, "zero_points": t.zeros, "bias": None}
+    return out, meta, t
 
 
 # ---- reading back -----------------------------------------------------------------------------
