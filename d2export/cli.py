@@ -276,7 +276,7 @@ def _report_verify(res: dict) -> None:
     t.add_column("value", justify="right")
     brief = ("mean_kl", "max_kl", "ppl_ratio")  # context, not gated: the table stays one screen
     for section, keys in (("weights", None), ("logits", None), ("kv_cache", None), ("generation", None),
-                          ("vs_float_arithmetic", brief), ("activation_rounding", brief),
+                          ("activation_rounding", brief), ("vs_emulated", brief),
                           ("dropped_cost", brief)):
         for k, v in (res.get(section) or {}).items():
             if isinstance(v, (int, float, bool, str)) and (keys is None or k in keys):

@@ -33,33 +33,33 @@ from d2quant.qmodel import QuantizedModel
 from runtime_tests.ggml_activations import emulate_llamacpp
 
 # ---- logit thresholds -------------------------------------------------------------------------
-# llama.cpp's CPU matmuls round the activation operand to 8 bits first (Q8_K blocks of 256 for
-# K-quant weights, Q8_0/Q8_1 blocks of 32 for the others; runtime_tests/ggml_activations.py) and
-# keep the KV cache in fp16. So the gated reference is the torch model *with those roundings*
-# (``emulate_llamacpp``): it is what llama.cpp computes, up to summation order. Against plain float
-# arithmetic the gap depends on the model, not on the file: on SmolLM2-135M, whose down_proj inputs
-# carry ~2,700-strong outliers that flatten the rest of their 256-block, one D²Quant Q3_K_M
-# calibration (`d2export gguf`, --calib self) lost 4% perplexity and 7 nats of KL at one position to
-# the rounding alone (``activation_rounding``), while llama.cpp stayed within mean KL 6.6e-3 (max
-# 0.09, ppl 0.987) of the emulated reference. What remains is a floor the emulation does not
-# remove, the same for llama.cpp's own files: its Q3_K_M of SmolLM2, 4 x 128 tokens of wikitext-2,
-# mean KL 6.6e-3 against the emulated reference and 6.3e-3 against float; an F32 file agrees with
-# float torch to 1e-6, so the floor comes with the quantized matmuls, source not pinned down
-# (the emulation equals libggml's Q8_0 rounding bit for bit; repacking on or off changes nothing).
-# Tiny random models: 4e-6..1e-3. Wiring errors sit far above: on a tiny random llama whose floor
-# is 2.5e-4, q/k rows left unpermuted give 0.10 and the DAC ffn biases left out 0.011. Small
-# weight errors can hide under the floor, which is why the weight check (exact decode, no tensor
+# llama.cpp never matches float arithmetic: its CPU matmuls round the activation operand to 8 bits
+# first (Q8_K blocks of 256 for K-quant weights, Q8_0/Q8_1 blocks of 32 for the others) and the KV
+# cache is fp16. How much that moves the logits depends on the model, not on the file: measured on
+# 4 x 128 tokens of wikitext-2, llama.cpp vs float torch on the *same* weights gave mean KL 1e-6
+# for an F32 file of SmolLM2-135M, 3.6e-3 for llama.cpp's own Q8_0 file, 6.3e-3 for its Q3_K_M,
+# 0.046 (max 10.8 nats at one position) for its Q3_K_S of the 256-aligned padded SmolLM2, and
+# 0.0187 (max 5.9) for the README's D²Quant Q3_K_M. A fixed bound cannot serve all of these, so the
+# bound is set per model from the torch model rounding its activations the way llama.cpp does
+# (runtime_tests/ggml_activations.py, equal to libggml's Q8_0 rounding bit for bit): that alone
+# moves it by 0.0064, 0.018 and 0.0215 in the last three cases, the same order as llama.cpp
+# (ratios 0.87-1.02). The emulation is not llama.cpp's exact arithmetic (llama.cpp vs emulated
+# torch stays at ~0.006-0.03, reported as ``vs_emulated``; its source is not pinned down: weight
+# repacking on or off changes nothing), so it sets the scale of the allowed gap, not the reference.
+# Wiring errors sit far above the scale: on a tiny random llama whose rounding effect is ~1e-5,
+# q/k rows left unpermuted give 0.10 and the DAC ffn biases left out 0.011. Small weight errors can
+# hide under the noise of a real model, which is why the weight check (exact decode, no tensor
 # missing) is the proof of the weights and this one the proof of the graph.
-MAX_MEAN_KL = 1e-2  # nats/token: ~1.5x the floor measured on SmolLM2 at Q3_K_M
-MAX_PPL_RATIO_DEV = 0.02  # |ppl_llama / ppl_torch - 1|: the floor moved it by up to 1.3% on SmolLM2
+KL_FACTOR = 2.0  # llama.cpp's mean KL from float <= KL_FACTOR x the rounding's own + KL_SLACK
+KL_SLACK = 1e-3
+PPL_SLACK = 0.02  # |ln(ppl ratio)| <= PPL_SLACK + KL_FACTOR x |ln(the rounding's ppl ratio)|
 # Top-1 agreement over all positions counts flips between near-tied logits (on flat, random-weight
 # models about 5% of them), so the gate looks only at decisive positions: where the reference's
-# best logit leads the runner-up by TOP1_MARGIN nats, ~6 standard deviations of the measured
-# logit noise (~0.1 on SmolLM2), a flip is a real disagreement.
+# best logit leads the runner-up by TOP1_MARGIN nats, a flip is a real disagreement; allowed as
+# often as the rounding alone flips them, plus one percent.
 TOP1_MARGIN = 1.0
-MIN_TOP1_DECISIVE = 0.99
-# Max |logit difference| is reported, not gated: it is set by the rare extreme token and scales
-# with the model's logit range (2.3 on SmolLM2 for our export, 9.2 for llama.cpp's own file).
+TOP1_SLACK = 0.01
+# Max |logit difference| is reported, not gated: it is set by the rare extreme token.
 
 # Decoded weights may differ from the model's only by how the dequantization's float32 operations
 # associate; anything beyond a few float32 ulps means the bytes encode different weights.
@@ -214,6 +214,15 @@ def _windows(dec: LlamaCppDecoder, text: str | None, n_windows: int, seq_len: in
     return [rng.integers(0, vocab, seq_len).tolist() for _ in range(n_windows)]
 
 
+def _within_rounding_noise(cpp: dict, rounding: dict) -> bool:
+    """llama.cpp's departure from float torch against what 8-bit activation rounding alone does."""
+    kl_ok = cpp["mean_kl"] <= KL_SLACK + KL_FACTOR * rounding["mean_kl"]
+    ppl_ok = abs(math.log(cpp["ppl_ratio"])) <= PPL_SLACK + KL_FACTOR * abs(math.log(rounding["ppl_ratio"]))
+    top1, floor = cpp["top1_decisive"], rounding["top1_decisive"]
+    top1_ok = top1 is None or top1 >= (1.0 if floor is None else floor) - TOP1_SLACK
+    return bool(kl_ok and ppl_ok and top1_ok)
+
+
 def verify_gguf(path: str | Path, reference: QuantizedModel, *, text: str | None = None,
                 n_windows: int = 4, seq_len: int = 128, seed: int = 0,
                 n_threads: int | None = None) -> dict:
@@ -235,25 +244,20 @@ def verify_gguf(path: str | Path, reference: QuantizedModel, *, text: str | None
         ref = _torch_logits(ref_model, windows)
         with emulate_llamacpp(ref_model, weight_types(plan_gguf(held), ref_model)):
             emulated = _torch_logits(ref_model, windows)
-        logits = compare_logits(emulated, cpp, windows)
+        logits = compare_logits(ref, cpp, windows)
+        rounding = compare_logits(ref, emulated, windows)
         if text and reference.tokenizer is not None:
             ours = dec.tokenize(text[:2000], add_bos=False)
             theirs = reference.tokenizer.encode(text[:2000], add_special_tokens=False)
             logits["tokenizer_agrees"] = ours == theirs
     finally:
         dec.close()
-    top1 = logits["top1_decisive"]
-    logits["pass"] = bool(logits["mean_kl"] <= MAX_MEAN_KL and (top1 is None or top1 >= MIN_TOP1_DECISIVE)
-                          and abs(logits["ppl_ratio"] - 1) <= MAX_PPL_RATIO_DEV)
+    logits["pass"] = _within_rounding_noise(logits, rounding)
     result = {"path": str(path), "windows": len(windows), "seq_len": seq_len, "weights": weights,
-              "logits": logits,
-              # the user-facing numbers: llama.cpp against exact float arithmetic on the same
-              # weights, and how much of that gap is the runtime's 8-bit activations alone
-              "vs_float_arithmetic": compare_logits(ref, cpp, windows),
-              "activation_rounding": compare_logits(ref, emulated, windows),
-              "thresholds": {"max_mean_kl": MAX_MEAN_KL, "top1_margin": TOP1_MARGIN,
-                                               "min_top1_decisive": MIN_TOP1_DECISIVE,
-                                               "max_ppl_ratio_dev": MAX_PPL_RATIO_DEV}}
+              "logits": logits, "activation_rounding": rounding,
+              "vs_emulated": compare_logits(emulated, cpp, windows),
+              "thresholds": {"kl_factor": KL_FACTOR, "kl_slack": KL_SLACK, "ppl_slack": PPL_SLACK,
+                             "top1_margin": TOP1_MARGIN, "top1_slack": TOP1_SLACK}}
     if dropped:
         full = _torch_logits(reference.to_torch(), windows)
         result["dropped_cost"] = compare_logits(full, ref, windows)
@@ -286,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logits:  mean KL {lg['mean_kl']:.2e}  top-1 {lg['top1_agreement']:.3f} (decisive "
               f"{lg['top1_decisive']} of {lg['n_decisive']})  max |diff| "
               f"{lg['max_abs_diff']:.3f}  ppl {lg['ppl_test']:.3f} vs {lg['ppl_reference']:.3f}")
-        for label, key in (("vs float arithmetic", "vs_float_arithmetic"),
-                           ("8-bit activations alone", "activation_rounding")):
+        for label, key in (("8-bit activation rounding in torch", "activation_rounding"),
+                           ("llama.cpp vs that rounding", "vs_emulated")):
             r = res[key]
             print(f"{label}: mean KL {r['mean_kl']:.2e}  max KL {r['max_kl']:.3f}  ppl x{r['ppl_ratio']:.4f}")
         for name, why in w["dropped"].items():

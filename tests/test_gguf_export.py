@@ -116,10 +116,20 @@ def test_export_loads_and_matches(arch, preset, expect_arch, tmp_path):
     assert w["exact"] == w["n_tensors"] and not w["mismatched"] and not w["missing"], w
     assert lg["tokenizer_agrees"]
     assert res["pass"], lg
-    # the gated reference rounds activations like llama.cpp, which brings it closer to llama.cpp
-    # than float arithmetic is
-    assert res["activation_rounding"]["mean_kl"] > 0
-    assert lg["mean_kl"] < res["vs_float_arithmetic"]["mean_kl"], (lg, res["vs_float_arithmetic"])
+    # the bound scales with what 8-bit activation rounding does to this model in torch
+    rounding = res["activation_rounding"]["mean_kl"]
+    assert 0 < rounding < 1e-2 and lg["mean_kl"] <= 1e-3 + 2 * rounding
+
+
+def test_logit_gate_catches_a_file_without_the_dac_biases(tmp_path):
+    """Left out of the file, the DAC ffn biases move llama.cpp far beyond the rounding noise."""
+    qm = cached_model("llama", "Q3_K_M")
+    unbiased = dataclasses.replace(qm, linears={
+        n: dataclasses.replace(ql, bias=None) if n.endswith(("gate_proj", "up_proj")) else ql
+        for n, ql in qm.linears.items()})
+    res = verify_gguf(_export(unbiased, tmp_path), qm, text=_TEXT, n_windows=2, seq_len=48,
+                      n_threads=1)
+    assert res["weights"]["missing"] and not res["logits"]["pass"], res["logits"]
 
 
 def test_qwen2_without_ffn_bias_keeps_lm_head_bias(tmp_path):
