@@ -60,6 +60,7 @@ OUT_DIR = ROOT / "out" / "gguf_bench"
 MODELS = ("smollm2-135m", "smollm2-135m-pad768")
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
 METHODS = ("llamacpp", "llamacpp-imatrix", "gptq", "d2quant")
+ABLATIONS = {"d2quant-nodac": {"dac": False}, "d2quant-nodsq": {"dsq": False}}  # D²Quant minus one part
 REFERENCE = "llamacpp"  # the file decode speed is compared against
 KEY = ("model", "preset", "method", "nsamples", "seqlen", "windows", "ctx")
 
@@ -113,8 +114,8 @@ def make_model(base: Source, preset: str, method: str, s: Settings) -> Quantized
     if method == "llamacpp-imatrix":
         return quantize_with_libggml(src, preset, collect_importance(src, tokens))
     # what `d2export gguf` runs: the preset's grids, DSQ in its dual-scale (GGUF-exact) form
-    cfg = QuantConfig(method=method, dsq_form="dual", device=s.device,
-                      grids=preset_grids(preset, src.spec))
+    cfg = QuantConfig(method=method.split("-")[0], dsq_form="dual", device=s.device,
+                      grids=preset_grids(preset, src.spec), **ABLATIONS.get(method, {}))
     return quantize(src, tokens, cfg)
 
 
@@ -218,7 +219,7 @@ def _key(row: dict) -> tuple:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per row, Δppl against llamacpp-imatrix of the same model/preset/settings."""
-    order = {m: i for i, m in enumerate((*METHODS, "float"))}
+    order = {m: i for i, m in enumerate((*METHODS, *ABLATIONS, "float"))}
     presets = {p: i for i, p in enumerate((*ALL_PRESETS, "F32"))}
     rows = sorted(rows, key=lambda r: (r["model"], r["nsamples"], r["windows"],
                                        presets.get(r["preset"], 99), order.get(r["method"], 99)))
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=ALL_PRESETS)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *ABLATIONS])
     ap.add_argument("--float", action="store_true", help="also the float (F32) file per model")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows of --seqlen tokens")
     ap.add_argument("--seqlen", type=int, default=512)
