@@ -6,6 +6,7 @@ levels 0 and 4 against torch on the same windows, prefill (one 512-token window)
 
     python bench/onnx_bench.py CKPT [CKPT ...] --windows 40 [--layouts planes lut]
     python bench/onnx_bench.py float:smollm2-135m onnx:GENAI_BUILDER_DIR --windows 40
+    python bench/onnx_bench.py --speed runs/onnx/DIR [...] --reps 3   # idle machine
     python bench/onnx_bench.py --table
 """
 
@@ -31,6 +32,7 @@ from runtime_tests.onnxrt import OrtDecoder
 
 DATA = wikitext_dir()
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx.jsonl"
+SPEED_RESULTS = RESULTS.with_name("onnx_speed.jsonl")
 EMBED_GROUP = 64
 
 
@@ -90,6 +92,26 @@ def bench(target: str, layout: str, embed: str, attention: str, windows: int,
     return rows
 
 
+def speeds(dirs: list[Path], reps: int) -> list[dict]:
+    """Prefill (512 tokens) and decode (64 tokens) of exported folders, best of ``reps`` runs with
+    the folders taking turns: meant for an otherwise idle machine."""
+    text = read_text(DATA / "test.txt")
+    runs = []
+    for d in dirs:
+        model = onnx.load(str(d / "model.onnx"), load_external_data=False)
+        levels = (0, 4) if any(n.op_type == "MatMulNBits" for n in model.graph.node) else (None,)
+        runs += [(d, level, OrtDecoder(d, accuracy_level=level)) for level in levels]
+    ids = runs[0][2].tokenize(text[:20000])[:512]
+    best = {(d, level): (0.0, 0.0) for d, level, _ in runs}
+    for _ in range(reps):
+        for d, level, dec in runs:
+            p, g = _speed(dec, ids)
+            best[d, level] = (max(best[d, level][0], p), max(best[d, level][1], g))
+    return [{"onnx": d.name, "accuracy_level": level, "prefill_tok_s": round(p, 1),
+             "decode_tok_s": round(g, 1), "reps": reps, "threads": os.cpu_count()}
+            for (d, level), (p, g) in best.items()]
+
+
 def table() -> str:
     rows = read_rows(RESULTS)
     out = ["| checkpoint | layout | acc. level | file MiB | session MiB | ppl ORT | ppl torch | prefill tok/s | decode tok/s | windows |",
@@ -98,6 +120,12 @@ def table() -> str:
     out += [f"| {r['ckpt']} | {r['layout']} | {'-' if r['accuracy_level'] is None else r['accuracy_level']} | "
             f"{r['file_mb']} | {r['session_mb']} | {fmt(r['ppl_ort'])} | {fmt(r['ppl_torch'])} | "
             f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r.get('windows', '')} |" for r in rows]
+    speed = read_rows(SPEED_RESULTS)
+    if speed:
+        out += ["", "| ONNX folder | acc. level | prefill tok/s (512) | decode tok/s (64) | best of | threads |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['onnx']} | {'-' if r['accuracy_level'] is None else r['accuracy_level']} | "
+                f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['reps']} | {r['threads']} |" for r in speed]
     return "\n".join(out)
 
 
@@ -112,9 +140,16 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("runs/onnx"))
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--speed", nargs="*", type=Path, default=None,
+                    help="only time these exported folders (best of --reps; an idle machine)")
+    ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
     if a.table:
         print(table())
+        return
+    if a.speed:
+        for row in speeds(a.speed, a.reps):
+            append_row(SPEED_RESULTS, row)
         return
     a.out.mkdir(parents=True, exist_ok=True)
     for target in a.targets:
