@@ -79,6 +79,7 @@ def test_bad_options(tiny_hf_dir, tmp_path):
     _bad(tmp_path, "quantize", tiny_hf_dir, "--calib", short, match="fewer than one sample")
     _bad(tmp_path, "gguf", tiny_hf_dir, "--type", "Q1_X", match="unknown --type")
     _bad(tmp_path, "onnx", tiny_hf_dir, "--embed", "q2", match="--embed")
+    _bad(tmp_path, "onnx", tiny_hf_dir, "--attention", "flash", match="--attention")
     _bad(tmp_path, "gguf", tiny_hf_dir, "--save-checkpoint", tmp_path, match="--force")
     exists = tmp_path / "out"
     exists.mkdir()
