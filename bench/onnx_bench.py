@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -107,9 +109,33 @@ def speeds(dirs: list[Path], reps: int) -> list[dict]:
         for d, level, dec in runs:
             p, g = _speed(dec, ids)
             best[d, level] = (max(best[d, level][0], p), max(best[d, level][1], g))
-    return [{"onnx": d.name, "accuracy_level": level, "prefill_tok_s": round(p, 1),
-             "decode_tok_s": round(g, 1), "reps": reps, "threads": os.cpu_count()}
-            for (d, level), (p, g) in best.items()]
+    rows = []
+    for (d, level), (p, g) in best.items():
+        peak, base = peak_rss_mb(d, level)
+        rows.append({"onnx": d.name, "accuracy_level": level, "prefill_tok_s": round(p, 1),
+                     "decode_tok_s": round(g, 1), "reps": reps, "threads": os.cpu_count(),
+                     "peak_rss_mb": peak, "process_base_mb": base})
+    return rows
+
+
+_PEAK_RSS = """
+import resource, sys
+from runtime_tests.onnxrt import OrtDecoder
+level = None if sys.argv[2] == "-" else int(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+dec = OrtDecoder(sys.argv[1], accuracy_level=level)
+dec.logits(list(range(100, 612)))
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(model_dir: Path, level: int | None) -> tuple[float, float]:
+    """(peak RSS of a fresh process after loading the model and one 512-token prefill, the same
+    process's peak before the session) in MiB: mmap'd weights count once they are touched."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(model_dir.resolve()), "-" if level is None else str(level)],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    before, after = map(int, out.stdout.split()[-2:])
+    return round(after / 1024, 1), round(before / 1024, 1)
 
 
 def table() -> str:
@@ -122,10 +148,11 @@ def table() -> str:
             f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r.get('windows', '')} |" for r in rows]
     speed = read_rows(SPEED_RESULTS)
     if speed:
-        out += ["", "| ONNX folder | acc. level | prefill tok/s (512) | decode tok/s (64) | best of | threads |",
-                "|---|---|---|---|---|---|"]
+        out += ["", "| ONNX folder | acc. level | prefill tok/s (512) | decode tok/s (64) | peak RSS MiB | best of | threads |",
+                "|---|---|---|---|---|---|---|"]
         out += [f"| {r['onnx']} | {'-' if r['accuracy_level'] is None else r['accuracy_level']} | "
-                f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r['reps']} | {r['threads']} |" for r in speed]
+                f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r.get('peak_rss_mb', '-')} | {r['reps']} | "
+                f"{r['threads']} |" for r in speed]
     return "\n".join(out)
 
 
