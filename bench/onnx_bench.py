@@ -47,6 +47,12 @@ def _speed(dec: OrtDecoder, ids: list[int]) -> tuple[float, float]:
     return prefill, n / (time.perf_counter() - t)
 
 
+def _levels(model_dir: Path) -> tuple[int | None, ...]:
+    """MatMulNBits accuracy levels worth running: 0 and 4 for a quantized graph, none for float."""
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    return (0, 4) if any(n.op_type == "MatMulNBits" for n in graph.node) else (None,)
+
+
 def _export(target: str, layout: str, embed: str, attention: str, out_root: Path):
     """(ONNX folder, name, recipe, quantized model or None) for a benchmark target."""
     if target.startswith("onnx:"):  # written by another tool (onnxruntime-genai's builder)
@@ -75,11 +81,9 @@ def bench(target: str, layout: str, embed: str, attention: str, windows: int,
     torch_ppl = None
     if qm is not None:
         torch_ppl = round(perplexity(TorchBackend(qm.to_torch(), qm.tokenizer), text, 512, windows).ppl, 3)
-    quantized = any(n.op_type == "MatMulNBits" for n in onnx.load(str(out / "model.onnx"),
-                                                                   load_external_data=False).graph.node)
     has_rbin = qm is not None and any(ql.grid.kind == "rbin" for ql in qm.linears.values())
     rows = []
-    for level in ((0, 4) if quantized else (None,)):
+    for level in _levels(out):
         rss = psutil.Process().memory_info().rss
         dec = OrtDecoder(out, accuracy_level=level)
         mem = (psutil.Process().memory_info().rss - rss) / 2**20
@@ -100,9 +104,7 @@ def speeds(dirs: list[Path], reps: int) -> list[dict]:
     text = read_text(DATA / "test.txt")
     runs = []
     for d in dirs:
-        model = onnx.load(str(d / "model.onnx"), load_external_data=False)
-        levels = (0, 4) if any(n.op_type == "MatMulNBits" for n in model.graph.node) else (None,)
-        runs += [(d, level, OrtDecoder(d, accuracy_level=level)) for level in levels]
+        runs += [(d, level, OrtDecoder(d, accuracy_level=level)) for level in _levels(d)]
     ids = runs[0][2].tokenize(text[:20000])[:512]
     best = {(d, level): (0.0, 0.0) for d, level, _ in runs}
     for _ in range(reps):
