@@ -5,8 +5,9 @@ For each model (SmolLM2-135M, and its 256-aligned padded twin ``smollm2-135m-pad
 
   llamacpp          llama.cpp's quantizer (ggml_quantize_chunk, what llama-quantize calls)
   llamacpp-imatrix  the same with an importance matrix from the calibration tokens (llama-imatrix)
-  gptq              our GPTQ onto the preset's native GGML grids
+  gptq              our GPTQ (act order, the default) onto the preset's native GGML grids
   d2quant           D²Quant (DSQ in dual-scale form + DAC) onto the same grids, as `d2export gguf`
+  (ABLATIONS below: D²Quant without one part, and both in natural column order)
   float             (with --float, once per model) the float model as an F32 GGUF: the reference
 
 every file is written by the same ``write_gguf`` and measured the same way: file size, bits per
@@ -24,6 +25,7 @@ nsamples, seqlen, windows, ctx) are skipped, so an interrupted run resumes. File
     python bench/gguf_bench.py                                   # the full queue (hours on 2 cores)
     python bench/gguf_bench.py --models smollm2-135m-pad768 --presets Q2_K Q3_K_S
     python bench/gguf_bench.py --table                           # markdown table of the results
+    python bench/gguf_bench.py --speed OURS.gguf THEIRS.gguf --threads 2 --decode-reps 5  # idle machine
 """
 
 from __future__ import annotations
@@ -55,12 +57,19 @@ from runtime_tests.llamacpp_quant import collect_importance, quantize_with_libgg
 ROOT = Path(__file__).resolve().parents[1]
 DATA = wikitext_dir()
 RESULTS = ROOT / "bench" / "results" / "gguf.jsonl"
+SPEED_RESULTS = ROOT / "bench" / "results" / "gguf_speed.jsonl"
 OUT_DIR = ROOT / "out" / "gguf_bench"
 
 MODELS = ("smollm2-135m", "smollm2-135m-pad768")
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
 METHODS = ("llamacpp", "llamacpp-imatrix", "gptq", "d2quant")
-ABLATIONS = {"d2quant-nodac": {"dac": False}, "d2quant-nodsq": {"dsq": False}}  # D²Quant minus one part
+# variants: D²Quant minus one part, and both methods in natural column order (rows before act
+# order became the default ran that way)
+ABLATIONS = {"d2quant-nodac": {"dac": False}, "d2quant-nodsq": {"dsq": False},
+             "gptq-natural": {"act_order": False}, "d2quant-natural": {"act_order": False},
+             "d2quant-natural-nodac": {"act_order": False, "dac": False},
+             "d2quant-natural-nodsq": {"act_order": False, "dsq": False},
+             "gptq-actorder": {"act_order": True}, "d2quant-actorder": {"act_order": True}}
 REFERENCE = "llamacpp"  # the file decode speed is compared against
 KEY = ("model", "preset", "method", "nsamples", "seqlen", "windows", "ctx")
 
@@ -211,6 +220,22 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings, tes
     return row
 
 
+def speed_only(paths: list[Path], s: Settings) -> None:
+    """Decode tokens/s of each file, all taking turns, each against the last (the reference)."""
+    from llama_cpp import Llama
+
+    text = read_text(DATA / "test.txt")[:2000].encode()
+    prompt = Llama(model_path=str(paths[-1]), vocab_only=True, verbose=False).tokenize(
+        text, add_bos=False, special=False)[:32]
+    tps = decode_speed(paths, prompt, s)
+    for p, t in zip(paths, tps):
+        row = {"file": str(p), "reference": str(paths[-1]), "decode_tps": round(t, 2),
+               "ratio": round(t / tps[-1], 4), "threads": s.threads, "decode_tokens": s.decode_tokens,
+               "reps": s.decode_reps, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        append_row(SPEED_RESULTS, row)
+        print(f"{p.name}: {t:.1f} tok/s (x{t / tps[-1]:.3f})")
+
+
 # ---- results ----------------------------------------------------------------------------------
 
 def _key(row: dict) -> tuple:
@@ -225,8 +250,8 @@ def table(rows: list[dict]) -> str:
                                        presets.get(r["preset"], 99), order.get(r["method"], 99)))
     imat = {(r["model"], r["preset"], r["nsamples"], r["seqlen"], r["windows"], r["ctx"]): r["ppl"]
             for r in rows if r["method"] == "llamacpp-imatrix"}
-    out = ["| model | type | method | MiB | bpw | ppl | vs imatrix | decode tok/s (vs llamacpp) | calib |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | type | method | MiB | bpw | ppl | windows | vs imatrix | decode tok/s (vs llamacpp) | calib |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = imat.get((r["model"], r["preset"], r["nsamples"], r["seqlen"], r["windows"], r["ctx"]))
         delta = f"{100 * (r['ppl'] / ref - 1):+.1f}%" if ref and r["method"] != "llamacpp-imatrix" else ""
@@ -235,10 +260,9 @@ def table(rows: list[dict]) -> str:
             speed += f" (×{r['decode_ratio']:.3f})"
         calib = "-" if r["method"] in ("llamacpp", "float") else f"{r['nsamples']}×{r['seqlen']}"
         out.append(f"| {r['model']} | {r['preset']} | {r['method']} | {r['file_bytes'] / 2**20:.1f} | "
-                   f"{r['bpw']:.3f} | {r['ppl']:.3f} | {delta} | {speed} | {calib} |")
+                   f"{r['bpw']:.3f} | {r['ppl']:.3f} | {r['windows']} | {delta} | {speed} | {calib} |")
     if rows:
-        r = rows[0]
-        out.append(f"\nppl: llama.cpp, first {r['windows']} windows of {r['ctx']} tokens of wikitext-2 "
+        out.append(f"\nppl: llama.cpp, the first `windows` windows of {rows[0]['ctx']} tokens of wikitext-2 "
                    "test; bpw: all tensor bytes over the unpadded model's parameters.")
     return "\n".join(out)
 
@@ -261,12 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the results as markdown and exit")
+    ap.add_argument("--speed", nargs="+", type=Path, metavar="GGUF",
+                    help="only decode tokens/s of these files against the last one, taking turns "
+                         "(for an idle machine); appended to results/gguf_speed.jsonl")
     a = ap.parse_args(argv)
     if a.table:
         print(table(read_rows(a.results)))
         return
     s = Settings(a.nsamples, a.seqlen, a.windows, a.ctx, a.threads, a.decode_tokens, a.decode_reps,
                  a.device, not a.no_verify, a.out_dir)
+    if a.speed:
+        speed_only(a.speed, s)
+        return
     s.out_dir.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in read_rows(a.results)}
     test_text = read_text(DATA / "test.txt")

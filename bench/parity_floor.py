@@ -1,7 +1,8 @@
 """How far llama.cpp's arithmetic moves a model's logits: llama.cpp's own quantization of a source
 (or the float model as F32) written by our GGUF writer and checked by ``verify_gguf``, which prints
 llama.cpp vs float torch, torch with llama.cpp's 8-bit activation rounding vs float torch, and
-llama.cpp vs that emulation (4 windows x 128 tokens of wikitext-2 test).
+llama.cpp vs that emulation, and the emulation vs itself with the embeddings nudged by one ulp
+(4 windows x 128 tokens of wikitext-2 test).
 
     python bench/parity_floor.py smollm2-135m F32 Q8_0 Q3_K_M
     python bench/parity_floor.py smollm2-135m-pad768 Q3_K_S
@@ -22,7 +23,7 @@ from runtime_tests.llamacpp import verify_gguf
 from runtime_tests.llamacpp_quant import quantize_with_libggml
 
 OUT = Path(__file__).resolve().parents[1] / "out" / "parity_floor"
-SECTIONS = ("logits", "activation_rounding", "vs_emulated")
+SECTIONS = ("logits", "activation_rounding", "vs_emulated", "rounding_chaos")
 
 
 def main() -> None:

@@ -34,6 +34,8 @@ DsqForm = Annotated[str, typer.Option(help="rbin (paper's residual-binary levels
 Dac = Annotated[bool, typer.Option("--dac/--no-dac", help="deviation-aware norm bias correction (d2quant)")]
 Rotate = Annotated[bool, typer.Option("--rotate/--no-rotate", help="block-Hadamard rotation of the residual stream")]
 Damp = Annotated[float, typer.Option(help="GPTQ damping as a fraction of mean(diag H)")]
+ActOrder = Annotated[bool, typer.Option("--act-order/--no-act-order",
+                                        help="GPTQ visits columns by decreasing input energy (static groups)")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing output")]
 
 
@@ -50,6 +52,7 @@ class CalibOptions:
     dac: bool
     rotate: bool
     damp: float
+    act_order: bool = False
 
 
 def _progress() -> Progress:
@@ -68,7 +71,7 @@ def calibrate(model: str | None, opts: CalibOptions, bits: int, group_size: int,
     """
     qcfg = QuantConfig(method=opts.method, bits=bits, group_size=group_size, dsq=opts.dsq,
                        dsq_form=opts.dsq_form, dac=opts.dac, rotate=opts.rotate, damp=opts.damp,
-                       device=opts.device)
+                       act_order=opts.act_order, device=opts.device)
     ccfg = CalibConfig(calib=opts.calib, nsamples=opts.nsamples, seqlen=opts.seqlen, seed=opts.seed)
     with console.status("loading model"):
         src = load_source(model)

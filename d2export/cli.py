@@ -12,9 +12,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from d2export.calibrate import (Calib, CalibOptions, Dac, Damp, Device, Dsq, DsqForm, Force, Method,
-                                ModelArg, NSamples, Rotate, SeqLen, Seed, calibrate, console,
-                                load_or_calibrate)
+from d2export.calibrate import (ActOrder, Calib, CalibOptions, Dac, Damp, Device, Dsq, DsqForm,
+                                Force, Method, ModelArg, NSamples, Rotate, SeqLen, Seed, calibrate,
+                                console, load_or_calibrate)
 from converters.gguf.presets import PRESETS
 from d2quant.data import wikitext_dir
 from d2quant.errors import D2Error
@@ -44,8 +44,10 @@ SaveCheckpoint = Annotated[Path | None, typer.Option(
     help="also keep the calibrated checkpoint here, so `d2export verify` and other exports can reuse it")]
 
 
-def _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp) -> CalibOptions:
-    return CalibOptions(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp)
+def _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp,
+          act_order) -> CalibOptions:
+    return CalibOptions(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp,
+                        act_order)
 
 
 @app.command()
@@ -57,12 +59,13 @@ def quantize(
     group_size: Annotated[int, typer.Option(help="weights per quantization group along the input")] = 64,
     method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
     seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dsq_form: DsqForm = "rbin",
-    dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
+    dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, act_order: ActOrder = True,
+    force: Force = False,
 ):
     """Calibrate MODEL and save a quantized checkpoint (codes + grid params + folded biases)."""
     check_output(output, force)
     qm = calibrate(model, _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac,
-                                rotate, damp), bits, group_size)
+                                rotate, damp, act_order), bits, group_size)
     qm.save(output, force=force)
     console.print(f"saved checkpoint to [bold]{output}[/]")
 
@@ -106,7 +109,7 @@ def gguf(
     type_: Annotated[str, typer.Option("--type", help="GGUF preset: " + " | ".join(PRESETS))] = "Q3_K_M",
     method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
     seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dac: Dac = True,
-    rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
+    rotate: Rotate = False, damp: Damp = 0.01, act_order: ActOrder = True, force: Force = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run llama.cpp parity after writing")] = True,
     save_checkpoint: SaveCheckpoint = None,
 ):
@@ -118,7 +121,7 @@ def gguf(
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{type_}.gguf")
     check_output(output, force)
     _check_checkpoint_dir(save_checkpoint, force)
-    opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, "dual", dac, rotate, damp)
+    opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, "dual", dac, rotate, damp, act_order)
 
     def policy(spec):
         if spec.arch == "qwen3" and opts.method == "d2quant" and opts.dac:
@@ -146,7 +149,8 @@ def onnx(
     block_size: Annotated[int, typer.Option(help="16 | 32 | 64 | 128: MatMulNBits block = quantization group")] = 64,
     method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
     seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dsq_form: DsqForm = "rbin",
-    dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, force: Force = False,
+    dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, act_order: ActOrder = True,
+    force: Force = False,
     dsq_layout: Annotated[str, typer.Option(help="how DSQ's residual-binary down_proj is carried: planes | lut")] = "planes",
     accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy_level: 0 exact float, 4 int8 activations")] = 0,
     embed: Annotated[str, typer.Option(help="float | q4 | q8: embedding table (and a tied lm_head) in float32 "
@@ -174,7 +178,8 @@ def onnx(
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-w{bits}g{block_size}-onnx")
     check_output(output, force)
     _check_checkpoint_dir(save_checkpoint, force)
-    opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp)
+    opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp,
+                 act_order)
     qm = load_or_calibrate(model, opts, bits, block_size)
     _save_checkpoint(qm, save_checkpoint, force)
     if EMBED_BITS[embed]:
@@ -276,7 +281,8 @@ def _report_verify(res: dict) -> None:
     t.add_column("value", justify="right")
     brief = ("mean_kl", "max_kl", "ppl_ratio")  # context, not gated: the table stays one screen
     for section, keys in (("weights", None), ("logits", None), ("kv_cache", None), ("generation", None),
-                          ("activation_rounding", brief), ("vs_emulated", brief),
+                          ("activation_rounding", brief), ("vs_emulated", (*brief, "pass")),
+                          ("rounding_chaos", brief),
                           ("dropped_cost", brief)):
         for k, v in (res.get(section) or {}).items():
             if isinstance(v, (int, float, bool, str)) and (keys is None or k in keys):

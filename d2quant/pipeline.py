@@ -43,6 +43,9 @@ class QuantConfig:
     dac: bool = True  # d2quant only: deviation-aware bias on post-attention and final norms
     rotate: bool = False
     damp: float = 0.01
+    # GPTQ visits columns by decreasing Hessian diagonal (static groups): on SmolLM2, whose inputs
+    # carry single channels of ~2,700, it took padded Q3_K_S from 33.22 to 30.80 (BENCHMARKS.md)
+    act_order: bool = True
     device: str = "auto"
     batch: int = 8  # calibration samples per forward
     # per-tensor grid specs by linear name (GGUF presets); None keeps that tensor in float (F16)
@@ -147,7 +150,7 @@ class Calibrator:
         grid = self.cfg.grid_for(name, *w.shape)
         with single_thread():
             s = rtn(w, grid, h) if self.cfg.method == "rtn" or h is None else \
-                gptq(w, h, grid, damp=self.cfg.damp)
+                gptq(w, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order)
         lin.weight.data.copy_(s.weight.to(lin.weight.dtype))
         bias = getattr(lin, "bias", None)  # embeddings have none
         bias = None if bias is None else bias.detach().float().cpu()

@@ -54,8 +54,14 @@ def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None) -> Solved:
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
-         block: int = 128) -> Solved:
-    """GPTQ (Frantar et al.) with lazy block updates; groups never straddle a block."""
+         block: int = 128, act_order: bool = False) -> Solved:
+    """GPTQ (Frantar et al.) with lazy block updates; groups never straddle a block.
+
+    act_order: visit columns by decreasing Hessian diagonal (the most input-energetic first, while
+    the least error has accumulated). A group's columns are then scattered through the visit
+    order, so every group's parameters are fit up front on the original weights ("static
+    groups") instead of on the error-updated ones when the loop reaches the group.
+    """
     w = w.detach().float().clone()
     n, k = w.shape
     h = h.detach().float().clone()
@@ -64,18 +70,26 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
     w[:, dead] = 0
     h_raw = h.clone()
     h_orig_diag = torch.diag(h_raw)
+    g = grid.group
+    static = None
+    if act_order:
+        static = [grid.fit(w[:, c:c + g], h_orig_diag[c:c + g]) for c in range(0, k, g)]
+        perm = torch.argsort(h_orig_diag, descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    else:
+        perm = torch.arange(k, device=w.device)
+        block = g * max(1, block // g)
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, device=h.device)
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch._C._LinAlgError:
         raise D2Error("the Hessian is not positive definite even after damping; raise --damp "
                       "or use more calibration samples")
-    g = grid.group
-    block = g * max(1, block // g)
     codes = torch.zeros(n, k, dtype=torch.int16, device=w.device)
     q_all = torch.zeros_like(w)
     per_group: list[Params] = []
-    w_in = w.clone()
+    w_in = w[:, torch.argsort(perm)].clone()
+    cols = perm.tolist()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
@@ -83,8 +97,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
         hinv1 = hinv[i1:i2, i1:i2]
         p = None
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:
+            col = cols[i1 + i]  # the weight's own column index
+            if static is not None:
+                p = static[col // g]
+            elif col % g == 0:
                 p = grid.fit(w1[:, i:i + g], h_orig_diag[col:col + g])
                 per_group.append(p)
             wc = w1[:, i]
@@ -96,4 +112,5 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return Solved(codes, stack_params(per_group), q_all, weighted_error(w_in, q_all, h_raw))
+    params = stack_params(static if static is not None else per_group)
+    return Solved(codes, params, q_all, weighted_error(w_in, q_all, h_raw))
