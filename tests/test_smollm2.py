@@ -37,7 +37,7 @@ def test_d2quant_gguf_q3_k_m_runs_and_matches_llamacpp(smollm2_path, tmp_path, t
     assert fp < q < 1.6 * fp, (fp, q)  # Q3_K_M on SmolLM2 is mostly 4-5 bit blocks (576 % 256 != 0)
     out = write_gguf(qm, tmp_path / "m.gguf", preset="Q3_K_M")
     res = verify_gguf(out, qm, text=text, n_windows=2)
-    assert res["weights"]["pass"] and res["logits"]["pass"], res
+    assert res["weights"]["pass"] and res["logits"]["pass"] and res["vs_emulated"]["pass"], res
     dec = LlamaCppDecoder(out, n_ctx=256)
     cpp = perplexity(dec, text, 256, 4).ppl
     dec.close()
