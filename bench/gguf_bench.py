@@ -68,8 +68,7 @@ METHODS = ("llamacpp", "llamacpp-imatrix", "gptq", "d2quant")
 ABLATIONS = {"d2quant-nodac": {"dac": False}, "d2quant-nodsq": {"dsq": False},
              "gptq-natural": {"act_order": False}, "d2quant-natural": {"act_order": False},
              "d2quant-natural-nodac": {"act_order": False, "dac": False},
-             "d2quant-natural-nodsq": {"act_order": False, "dsq": False},
-             "gptq-actorder": {"act_order": True}, "d2quant-actorder": {"act_order": True}}
+             "d2quant-natural-nodsq": {"act_order": False, "dsq": False}}
 REFERENCE = "llamacpp"  # the file decode speed is compared against
 KEY = ("model", "preset", "method", "nsamples", "seqlen", "windows", "ctx")
 
