@@ -52,7 +52,7 @@ class CalibOptions:
     dac: bool
     rotate: bool
     damp: float
-    act_order: bool = False
+    act_order: bool
 
 
 def _progress() -> Progress:

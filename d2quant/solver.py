@@ -68,7 +68,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h_raw = h.clone()
+    h_raw, w_in = h.clone(), w.clone()
     h_orig_diag = torch.diag(h_raw)
     g = grid.group
     static = None
@@ -88,7 +88,6 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
     codes = torch.zeros(n, k, dtype=torch.int16, device=w.device)
     q_all = torch.zeros_like(w)
     per_group: list[Params] = []
-    w_in = w[:, torch.argsort(perm)].clone()
     cols = perm.tolist()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
