@@ -15,10 +15,11 @@ from rich.table import Table
 from d2export.calibrate import (ActOrder, Calib, CalibOptions, Dac, Damp, Device, Dsq, DsqForm,
                                 Force, Method, ModelArg, NSamples, Rotate, SeqLen, Seed, calibrate,
                                 console, load_or_calibrate)
-from converters.gguf.presets import PRESETS
+from converters.gguf.presets import DEFAULT_PRESET, PRESETS
 from d2quant.data import wikitext_dir
 from d2quant.errors import D2Error
-from d2quant.qmodel import check_output
+from d2quant.qmodel import check_output, is_checkpoint
+from runtime_tests.isolation import RuntimeCrash
 
 DEFAULT_TEXT = wikitext_dir() / "test.txt"
 
@@ -34,7 +35,7 @@ def _friendly(fn):
         try:
             return fn(*a, **kw)
         except (D2Error, OSError) as e:  # OSError: disk full, permissions, ...
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
     return run
 
@@ -77,28 +78,47 @@ def eval_(
     text: Annotated[Path, typer.Option(help="evaluation text file")] = DEFAULT_TEXT,
     ctx: Annotated[int, typer.Option(help="tokens per window")] = 512,
     max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many windows")] = None,
+    spread: Annotated[bool, typer.Option("--spread/--first", help="windows spread evenly over the "
+                                                                  "text, or the first ones")] = False,
+    reference: Annotated[str | None, typer.Option(
+        help="also report KL divergence from this target (the float model: source, .gguf, ...)")] = None,
     backend: Annotated[str, typer.Option(help="auto | torch | llamacpp | onnxruntime")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
-    """Perplexity of TARGET over non-overlapping windows of TEXT."""
+    """Perplexity of TARGET over non-overlapping windows of TEXT (and KLD from --reference)."""
     from d2quant.data import read_text
-    from d2quant.evaluate import perplexity
+    from d2quant.evaluate import divergence, perplexity
     from runtime_tests.targets import open_backend
 
     if not text.is_file():
         raise D2Error(f"evaluation text {text} does not exist; pass --text FILE")
     body = read_text(text)
     be = open_backend(target, backend, ctx=ctx)
-    with console.status(f"perplexity ({be.name})") as st:
-        res = perplexity(be, body, ctx=ctx, max_windows=max_windows,
-                         on_window=lambda i, n: st.update(f"perplexity ({be.name}) window {i}/{n}"))
+    ref = None
+    try:
+        ref = open_backend(reference, "auto", ctx=ctx) if reference else None
+        with console.status(f"perplexity ({be.name})") as st:
+            progress = lambda i, n: st.update(f"perplexity ({be.name}) window {i}/{n}")  # noqa: E731
+            if ref is None:
+                res, kld, ref_res = perplexity(be, body, ctx, max_windows, progress, spread), None, None
+            else:
+                ref_res, res, kld = divergence(ref, be, body, ctx, max_windows, spread, progress)
+    finally:
+        for b in (be, ref):
+            getattr(b, "close", lambda: None)()
     out = {"ppl": res.ppl, "nll": res.nll, "tokens": res.tokens, "windows": res.windows,
-           "backend": res.backend, "target": target or "smollm2-135m", "ctx": ctx}
+           "backend": res.backend, "target": target or "smollm2-135m", "ctx": ctx, "spread": spread}
+    if kld is not None:
+        out |= {"reference": reference, "reference_ppl": ref_res.ppl, "kld": kld.as_dict()}
     if as_json:
         sys.stdout.write(json.dumps(out) + "\n")
-    else:
-        console.print(f"perplexity [bold]{res.ppl:.3f}[/] over {res.tokens} tokens "
-                      f"({res.windows} windows of {ctx}, {res.backend})")
+        return
+    console.print(f"perplexity [bold]{res.ppl:.3f}[/] over {res.tokens} tokens "
+                  f"({res.windows} windows of {ctx}, {res.backend})")
+    if kld is not None:
+        console.print(f"KL divergence from {reference} (ppl {ref_res.ppl:.3f}): mean {kld.mean_kl:.5f}, "
+                      f"median {kld.median_kl:.5f}, p99 {kld.p99_kl:.4f}, max {kld.max_kl:.3f}, "
+                      f"same top-1 {100 * kld.top1:.2f}%")
 
 
 @app.command()
@@ -106,7 +126,8 @@ def eval_(
 def gguf(
     model: ModelArg = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="GGUF file to write")] = None,
-    type_: Annotated[str, typer.Option("--type", help="GGUF preset: " + " | ".join(PRESETS))] = "Q3_K_M",
+    type_: Annotated[str | None, typer.Option("--type", help="GGUF preset: " + " | ".join(PRESETS)
+                                               + f" (default {DEFAULT_PRESET}; a checkpoint keeps its own)")] = None,
     method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
     seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dac: Dac = True,
     rotate: Rotate = False, damp: Damp = 0.01, act_order: ActOrder = True, force: Force = False,
@@ -116,9 +137,11 @@ def gguf(
     """Calibrate MODEL onto llama.cpp's native block types of a preset and write a GGUF."""
     from converters.gguf import preset_grids, write_gguf
 
-    if type_ not in PRESETS:
+    if type_ is not None and type_ not in PRESETS:
         raise D2Error(f"unknown --type {type_!r}; choose one of {', '.join(PRESETS)}")
-    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{type_}.gguf")
+    from_checkpoint = bool(model and is_checkpoint(model))
+    preset = type_ or (None if from_checkpoint else DEFAULT_PRESET)
+    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{preset or 'ckpt'}.gguf")
     check_output(output, force)
     _check_checkpoint_dir(save_checkpoint, force)
     opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, "dual", dac, rotate, damp, act_order)
@@ -127,17 +150,17 @@ def gguf(
         if spec.arch == "qwen3" and opts.method == "d2quant" and opts.dac:
             raise D2Error("llama.cpp's qwen3 architecture cannot hold DAC's ffn biases; "
                           "pass --no-dac to export Qwen3 to GGUF")
-        return preset_grids(type_, spec)
+        return preset_grids(preset, spec)
     qm = load_or_calibrate(model, opts, 4, 32, policy)  # the preset names every tensor's grid
     _save_checkpoint(qm, save_checkpoint, force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        write_gguf(qm, output, force=force, preset=type_)
+        write_gguf(qm, output, force=force, preset=preset)
     for w in caught:
         console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     console.print(f"wrote [bold]{output}[/] ({output.stat().st_size / 2**20:.1f} MiB)")
     if verify:
-        _verify_and_report(str(output), qm)
+        _verify_and_report(str(output), qm, kept=[output, save_checkpoint])
 
 
 @app.command()
@@ -191,7 +214,7 @@ def onnx(
     size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB)")
     if verify:
-        _verify_and_report(str(output), qm)
+        _verify_and_report(str(output), qm, kept=[output, save_checkpoint])
 
 
 @app.command()
@@ -205,10 +228,26 @@ def generate(
     """Stream a greedy continuation of PROMPT from any d2export target."""
     from runtime_tests.generation import stream
 
-    for piece in stream(target, prompt, max_new_tokens, chat):
-        sys.stdout.write(piece)
+    try:
+        for piece in stream(target, prompt, max_new_tokens, chat):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:  # also before an error line, so it starts a line of its own
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
+
+
+@app.command()
+@_friendly
+def doctor():
+    """Check that the runtimes load and run a model on this machine (llama.cpp in a worker process)."""
+    from runtime_tests.llamacpp_build import probe
+
+    with console.status("llama.cpp probe"):
+        why = probe()
+    if why is not None:
+        raise D2Error(why)
+    console.print("llama.cpp loads and runs a model here")
 
 
 @app.command("verify")
@@ -245,9 +284,14 @@ def _save_checkpoint(qm, path: Path | None, force: bool) -> None:
         console.print(f"saved checkpoint to [bold]{path}[/]")
 
 
-def _verify_and_report(target: str, qm) -> None:
+def _verify_and_report(target: str, qm, kept: list[Path | None]) -> None:
     """Parity right after an export: the file stays, but a failed check fails the command."""
-    res = _verify_target(target, qm)
+    try:
+        res = _verify_target(target, qm)
+    except RuntimeCrash as e:  # calibration succeeded: say what is kept, so nobody redoes it
+        outputs = " and ".join(str(p) for p in kept if p is not None)
+        raise D2Error(f"{outputs} {'are' if ' and ' in outputs else 'is'} kept, but the parity check "
+                      f"could not run: {e}") from None
     _report_verify(res)
     if not _passed(res):
         console.print(f"[bold red]parity failed[/] for {target}: see the table; "
@@ -272,19 +316,27 @@ def _verify_target(target: str, qm) -> dict:
 
 
 def _passed(res: dict) -> bool:
-    return bool(res.get("pass", res.get("passed")))
+    return bool(res.get("pass"))
+
+
+_BRIEF = ("mean_kl", "max_kl", "ppl_ratio")  # context, not gated: the table stays one screen
+_SECTIONS = (("weights", None), ("tokenizer", None), ("logits", None), ("kv_cache", None),
+             ("generation", None), ("activation_rounding", _BRIEF), ("vs_emulated", (*_BRIEF, "pass")),
+             ("rounding_chaos", _BRIEF), ("dropped_cost", _BRIEF))
 
 
 def _report_verify(res: dict) -> None:
+    """One table for both reports: the ONNX one nests its runtime checks per accuracy level."""
     t = Table(title=f"runtime parity: {'PASS' if _passed(res) else 'FAIL'}")
     t.add_column("check")
     t.add_column("value", justify="right")
-    brief = ("mean_kl", "max_kl", "ppl_ratio")  # context, not gated: the table stays one screen
-    for section, keys in (("weights", None), ("logits", None), ("kv_cache", None), ("generation", None),
-                          ("activation_rounding", brief), ("vs_emulated", (*brief, "pass")),
-                          ("rounding_chaos", brief),
-                          ("dropped_cost", brief)):
-        for k, v in (res.get(section) or {}).items():
-            if isinstance(v, (int, float, bool, str)) and (keys is None or k in keys):
-                t.add_row(f"{section}.{k}", f"{v:.4g}" if isinstance(v, float) else str(v))
+    parts = [("", res)] + [(f"{k.removeprefix('accuracy_')}.", v) for k, v in res.items()
+                           if k.startswith("accuracy_level_") and isinstance(v, dict)]
+    for prefix, part in parts:
+        for section, keys in _SECTIONS:
+            for k, v in (part.get(section) or {}).items():
+                if isinstance(v, (int, float, bool, str)) and (keys is None or k in keys):
+                    t.add_row(f"{prefix}{section}.{k}", f"{v:.4g}" if isinstance(v, float) else str(v))
+        if prefix:
+            t.add_row(f"{prefix}pass", "not judged" if part.get("pass") is None else str(part["pass"]))
     console.print(t)

@@ -44,22 +44,22 @@ def stream(target: str | None, prompt: str, max_new_tokens: int, chat: bool = Tr
     if kind == "gguf":
         from runtime_tests.llamacpp import LlamaCppDecoder
 
-        llm = LlamaCppDecoder(target, n_ctx=2048).llm
-        if chat:
-            for part in llm.create_chat_completion([{"role": "user", "content": prompt}],
-                                                   max_tokens=max_new_tokens, temperature=0, stream=True):
-                yield part["choices"][0]["delta"].get("content", "")
-        else:
-            for part in llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0, stream=True):
-                yield part["choices"][0]["text"]
+        dec = LlamaCppDecoder(target, n_ctx=2048)
+        try:
+            yield from dec.complete(prompt, max_new_tokens, chat)
+        finally:
+            dec.close()
         return
     if kind == "onnx":
         from runtime_tests.onnxrt import OrtDecoder
 
         dec = OrtDecoder(target)
         tok = dec.tokenizer
-        yield from _detokenize(tok, dec.generate(_prompt_ids(tok, prompt, chat), max_new_tokens,
-                                                 tok.eos_token_id))
+        try:
+            yield from _detokenize(tok, dec.generate(_prompt_ids(tok, prompt, chat), max_new_tokens,
+                                                     tok.eos_token_id))
+        finally:
+            dec.close()
         return
     if kind == "checkpoint":
         from d2quant.qmodel import QuantizedModel

@@ -33,6 +33,8 @@ from converters.gguf.writer import GGUFPlan, plan_gguf
 from d2quant.errors import D2Error
 from d2quant.qmodel import QuantizedModel
 from runtime_tests.ggml_activations import emulate_llamacpp, nudge_embeddings
+from runtime_tests.isolation import Worker
+from runtime_tests.llamacpp_build import NATIVE, RUNTIME
 
 # ---- logit thresholds -------------------------------------------------------------------------
 # llama.cpp never matches float arithmetic: its CPU matmuls round the activation operand to 8 bits
@@ -66,6 +68,7 @@ PPL_SLACK = 0.02  # |ln(ppl ratio)| <= PPL_SLACK + KL_FACTOR x |ln(the rounding'
 TOP1_MARGIN = 1.0
 TOP1_SLACK = 0.01
 # Max |logit difference| is reported, not gated: it is set by the rare extreme token.
+TOKENIZER_CHARS = 2000  # of the parity text, tokenized by the file and by the model's tokenizer
 
 # Decoded weights may differ from the model's only by how the dequantization's float32 operations
 # associate; anything beyond a few float32 ulps means the bytes encode different weights.
@@ -73,41 +76,39 @@ _ULP_RTOL = 4 * np.finfo(np.float32).eps
 
 
 class LlamaCppDecoder:
-    """A GGUF loaded in llama.cpp, returning logits for every position of a token window."""
+    """A GGUF loaded in llama.cpp, returning logits for every position of a token window.
+
+    llama.cpp runs in a worker process (runtime_tests.isolation): if it crashes (SIGILL from an
+    AMX build, SIGSEGV on a corrupt file), this raises ``RuntimeCrash`` with the fix instead of
+    taking the caller down.
+    """
 
     name = "llamacpp"
+    native = NATIVE  # the class the worker builds
 
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None):
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise D2Error("llama-cpp-python is not installed; pip install llama-cpp-python") from None
         self.path = Path(path)
-        try:
-            self.llm = Llama(model_path=str(self.path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                             n_threads=n_threads, verbose=False)
-        except (ValueError, RuntimeError) as e:
-            raise D2Error(f"llama.cpp cannot load {self.path} ({e}); the file is not a model it supports")
+        if not self.path.is_file():
+            raise D2Error(f"GGUF file {self.path} does not exist")
+        self._worker = Worker(self.native, str(self.path), n_ctx=n_ctx, n_threads=n_threads,
+                              runtime=RUNTIME, label=str(self.path))
         self.n_ctx = n_ctx
-
-    @property
-    def n_vocab(self) -> int:
-        return self.llm.n_vocab()
+        self.n_vocab = self._worker.info["n_vocab"]
 
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
         """No BOS by default: evaluation windows are scored like the torch backend's."""
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+        return self._worker.call("tokenize", text, add_bos)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """[T, V] float32 logits at every position of ``ids`` (a fresh context each call)."""
-        if len(ids) > self.n_ctx:
-            raise D2Error(f"window of {len(ids)} tokens exceeds the context of {self.n_ctx}")
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return np.array(self.llm.scores[:len(ids)], dtype=np.float32, copy=True)
+        return self._worker.call("logits", list(ids))
+
+    def complete(self, prompt: str, max_tokens: int, chat: bool = True):
+        """Greedy text pieces through the file's chat template (or a raw continuation)."""
+        yield from self._worker.stream("complete", prompt, max_tokens, chat)
 
     def close(self) -> None:
-        self.llm.close()
+        self._worker.close()
 
 
 # ---- weights ----------------------------------------------------------------------------------
@@ -131,8 +132,12 @@ def _expected_tensors(qm: QuantizedModel) -> tuple[dict[str, torch.Tensor], obje
 def verify_weights(path: str | Path, qm: QuantizedModel) -> dict:
     """Decode every tensor of the file and compare with the quantized model's values."""
     expected, plan = _expected_tensors(qm)
-    reader = gguf.GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = reader.fields["general.architecture"].contents()
+    except Exception as e:  # gguf-py raises ValueError, KeyError, struct errors on bad bytes
+        raise D2Error(f"{path} is not a readable GGUF file ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else 'truncated'}); re-export it") from None
     exact, rounding, mismatched = [], [], {}
     seen = set()
     for t in reader.tensors:
@@ -254,24 +259,31 @@ def verify_gguf(path: str | Path, reference: QuantizedModel, *, text: str | None
                 nudged = _torch_logits(ref_model, windows)
         logits = compare_logits(ref, cpp, windows)
         rounding = compare_logits(ref, emulated, windows)
+        tokenizer = None
         if text and reference.tokenizer is not None:
-            ours = dec.tokenize(text[:2000], add_bos=False)
-            theirs = reference.tokenizer.encode(text[:2000], add_special_tokens=False)
-            logits["tokenizer_agrees"] = ours == theirs
+            # the file's tokenizer must split text as the model's own does, or every prompt differs
+            sample = text[:TOKENIZER_CHARS]
+            ours = dec.tokenize(sample, add_bos=False)
+            theirs = reference.tokenizer.encode(sample, add_special_tokens=False)
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                         None if len(ours) == len(theirs) else min(len(ours), len(theirs)))
+            tokenizer = {"chars": len(sample), "tokens": len(theirs), "first_difference": first,
+                         "pass": first is None}
     finally:
         dec.close()
     logits["pass"] = _within_rounding_noise(logits, rounding)
     chaos, vs_emulated = compare_logits(emulated, nudged, windows), compare_logits(emulated, cpp, windows)
     vs_emulated["pass"] = vs_emulated["mean_kl"] <= KL_SLACK + KL_FACTOR * chaos["mean_kl"]
     result = {"path": str(path), "windows": len(windows), "seq_len": seq_len, "weights": weights,
-              "logits": logits, "activation_rounding": rounding,
+              "tokenizer": tokenizer, "logits": logits, "activation_rounding": rounding,
               "vs_emulated": vs_emulated, "rounding_chaos": chaos,
               "thresholds": {"kl_factor": KL_FACTOR, "kl_slack": KL_SLACK, "ppl_slack": PPL_SLACK,
                              "top1_margin": TOP1_MARGIN, "top1_slack": TOP1_SLACK}}
     if dropped:
         full = _torch_logits(reference.to_torch(), windows)
         result["dropped_cost"] = compare_logits(full, ref, windows)
-    result["pass"] = weights["pass"] and logits["pass"] and vs_emulated["pass"]
+    result["pass"] = (weights["pass"] and logits["pass"] and vs_emulated["pass"]
+                      and (tokenizer is None or tokenizer["pass"]))
     return result
 
 

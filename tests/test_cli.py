@@ -44,7 +44,22 @@ def test_quantize_eval_gguf_end_to_end(tiny_hf_dir, tmp_path):
     r = invoke("onnx", ck, "-o", o, "--block-size", "32", "--embed", "q4")
     assert r.exit_code == 0, r.output
     r = invoke("verify", o, "--reference", ck, "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout.strip().splitlines()[-1])["passed"], r.output
+    assert r.exit_code == 0 and json.loads(r.stdout.strip().splitlines()[-1])["pass"], r.output
+    r = invoke("verify", o, "--reference", ck)  # the table shows each accuracy level's checks
+    assert r.exit_code == 0 and "level_0.logits.mean_kl" in r.output and "level_4.pass" in r.output
+    # a checkpoint goes to GGUF as it is (3-bit uniform codes in Q4_0 blocks); a --type its
+    # tensors do not follow is refused
+    ck2 = tmp_path / "ck2"
+    assert invoke("quantize", tiny_hf_dir, "-o", ck2, "--bits", "3", "--group-size", "32", "--no-dsq",
+                  *CAL).exit_code == 0
+    r = invoke("gguf", ck2, "-o", tmp_path / "q2.gguf", "--type", "Q2_K")
+    assert r.exit_code == 2 and "do not follow the Q2_K preset" in r.output, r.output
+    assert not (tmp_path / "q2.gguf").exists()
+    r = invoke("gguf", ck2, "-o", tmp_path / "ck.gguf")
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+    import gguf
+    assert gguf.GGUFReader(str(tmp_path / "ck.gguf")).fields["general.file_type"].contents() == \
+        gguf.LlamaFileType.MOSTLY_Q4_0
 
 
 def _bad(tmp_path, *args, match):

@@ -114,7 +114,7 @@ def test_export_loads_and_matches(arch, preset, expect_arch, tmp_path):
     w, lg = res["weights"], res["logits"]
     assert w["arch"] == expect_arch
     assert w["exact"] == w["n_tensors"] and not w["mismatched"] and not w["missing"], w
-    assert lg["tokenizer_agrees"]
+    assert res["tokenizer"]["pass"] and res["tokenizer"]["tokens"] > 100, res["tokenizer"]
     assert res["pass"], lg
     # the bound scales with what 8-bit activation rounding does to this model in torch
     rounding = res["activation_rounding"]["mean_kl"]
@@ -170,6 +170,42 @@ def test_uniform_grids_sit_exactly_in_q4_0_and_q5_0_and_float_embeddings(tmp_pat
     assert plan.types["token_embd.weight"] == "F16" and plan.types["blk.0.attn_norm.weight"] == "F32"
     res = verify_gguf(_export(qm, tmp_path), qm, n_windows=1, seq_len=32, n_threads=1)
     assert res["weights"]["exact"] == res["weights"]["n_tensors"] and res["pass"], res
+
+
+def test_a_file_that_tokenizes_differently_fails_parity(tmp_path):
+    """The weights and logits may all match while the file's tokenizer splits text otherwise."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    qm = cached_model("llama", "Q8_0")
+    path = _export(qm, tmp_path, preset="Q8_0")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["other text entirely, trained elsewhere " * 50], trainers.BpeTrainer(
+        vocab_size=400, show_progress=False, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other = dataclasses.replace(qm, tokenizer=PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"))
+    res = verify_gguf(path, other, text=_TEXT, n_windows=1, seq_len=32, n_threads=1)
+    assert res["weights"]["pass"] and res["logits"]["pass"], res["logits"]
+    assert res["tokenizer"]["first_difference"] is not None and not res["pass"]
+
+
+def test_file_type_is_what_the_tensors_hold(tmp_path):
+    qm = cached_model("llama", "Q3_K_M")
+    path = _export(qm, tmp_path, "a.gguf")  # no preset named: derived from the tensors
+    assert gguf.GGUFReader(str(path)).fields["general.file_type"].contents() == \
+        gguf.LlamaFileType.MOSTLY_Q3_K_M
+    with pytest.raises(D2Error, match="do not follow the Q2_K preset .*Q3_K_M"):
+        _export(qm, tmp_path, "b.gguf", preset="Q2_K")
+    assert not (tmp_path / "b.gguf").exists() and not list(tmp_path.glob(".b.gguf*"))
+    uniform = dataclasses.replace(qm, linears={
+        n: QuantizedLinear(UniformGrid(3, 64), *UniformGrid(3, 64).quantize_matrix(ql.weight()), ql.bias)
+        if ".layers." in n else ql for n, ql in qm.linears.items()})
+    path = _export(uniform, tmp_path, "c.gguf")
+    assert gguf.GGUFReader(str(path)).fields["general.file_type"].contents() == \
+        gguf.LlamaFileType.MOSTLY_Q4_0  # 3-bit uniform codes sit in Q4_0 blocks
 
 
 def test_file_metadata_tokenizer_and_chat_template(tmp_path):

@@ -32,6 +32,7 @@ import d2quant.grids.ggml  # noqa: F401  (registers the GGML grid kinds the spec
 from d2quant.errors import D2Error
 from d2quant.qmodel import ModelSpec
 
+DEFAULT_PRESET = "Q3_K_M"  # what `d2export gguf` makes with no --type
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0")
 
 _BASE = {"Q2_K": "q2_k", "Q3_K_S": "q3_k", "Q3_K_M": "q3_k", "Q3_K_L": "q3_k", "Q4_K_S": "q4_k",

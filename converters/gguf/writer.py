@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 from converters.gguf.arch import (ArchLayout, choose_layout, extra_tensors, gguf_name, rope_heads,
                                   rope_permutation, write_hparams)
 from converters.gguf.blocks import ggml_form, pack_linear
+from converters.gguf.presets import FLOAT, PRESETS, preset_types
 from converters.gguf.tokenizer import add_tokenizer
 from d2quant.errors import D2Error
 from d2quant.qmodel import QuantizedModel, check_output
@@ -150,23 +152,53 @@ def _order(gname: str) -> tuple:
     return ({"token_embd.weight": 0, "rope_freqs.weight": 0}.get(gname, 2), 0, 0, gname)
 
 
-_FILE_TYPES = {"Q2_K": "MOSTLY_Q2_K", "Q3_K_S": "MOSTLY_Q3_K_S", "Q3_K_M": "MOSTLY_Q3_K_M",
-               "Q3_K_L": "MOSTLY_Q3_K_L", "Q4_K_S": "MOSTLY_Q4_K_S", "Q4_K_M": "MOSTLY_Q4_K_M",
-               "Q5_K_M": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "Q4_0": "MOSTLY_Q4_0",
-               "Q8_0": "MOSTLY_Q8_0"}
+def followed_preset(qm: QuantizedModel, plan: GGUFPlan) -> str | None:
+    """The --type preset whose per-tensor types the quantized weights follow exactly, if any."""
+    held = {src: plan.types[g] for g, src in plan.sources.items() if src in qm.linears}
+    floats = {n.removesuffix(".weight") for n in qm.tensors if n.endswith(".weight")}
+    for preset in PRESETS:
+        want = preset_types(preset, qm.spec)
+        if set(held) <= set(want) and all(held.get(n) == t.upper() if t != FLOAT else n in floats
+                                          for n, t in want.items()):
+            return preset
+    return None
+
+
+def file_type(qm: QuantizedModel, plan: GGUFPlan) -> gguf.LlamaFileType:
+    """llama.cpp's ``general.file_type`` for what the tensors hold: the preset they follow, else
+    ``MOSTLY_<type>`` of the type most weights are stored in."""
+    preset = followed_preset(qm, plan)
+    if preset is not None:
+        return gguf.LlamaFileType[f"MOSTLY_{preset}"]
+    weights: Counter = Counter()
+    for g, src in plan.sources.items():
+        if src in qm.linears:
+            weights[plan.types[g]] += qm.linears[src].codes.numel()
+    if not weights:
+        return gguf.LlamaFileType.ALL_F32
+    return gguf.LlamaFileType.__members__.get(f"MOSTLY_{weights.most_common(1)[0][0]}",
+                                              gguf.LlamaFileType.GUESSED)
 
 
 def write_gguf(qm: QuantizedModel, out_path: str | Path, *, force: bool = False,
                preset: str | None = None) -> Path:
     """Write ``qm`` as a GGUF llama.cpp loads; returns the path.
 
-    ``preset``: the --type the model was quantized for (recorded as general.file_type).
+    ``preset``: the --type the model was quantized for; refused unless the tensors follow it.
+    ``general.file_type`` is derived from the tensors (``file_type``).
     Dropped tensors (see the module doc) are reported with ``warnings.warn``; ``plan_gguf`` lists
     them without writing.
     """
     out = Path(out_path)
     check_output(out, force)
     plan = plan_gguf(qm)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise D2Error(f"unknown GGUF type {preset!r}; choose one of {', '.join(PRESETS)}")
+        if followed_preset(qm, plan) != preset:
+            held = file_type(qm, plan).name.removeprefix("MOSTLY_")
+            raise D2Error(f"the model's tensors do not follow the {preset} preset (they hold {held}); "
+                          f"drop --type to write them as they are, or re-calibrate with --type {preset}")
     for w in plan.warnings:
         warnings.warn(w, stacklevel=2)
 
@@ -178,10 +210,7 @@ def write_gguf(qm: QuantizedModel, out_path: str | Path, *, force: bool = False,
         add_tokenizer(writer, qm)  # first: a GGUF source's general.* fields, then ours on top
         write_hparams(writer, qm.spec, plan.layout)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        if preset is not None:
-            if preset not in _FILE_TYPES:
-                raise D2Error(f"unknown GGUF type {preset!r}; choose one of {', '.join(_FILE_TYPES)}")
-            writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[preset]])
+        writer.add_file_type(file_type(qm, plan))
         writer.add_string("general.quantized_by", "d2export")
         writer.add_string("d2export.recipe", json.dumps(qm.recipe, sort_keys=True, default=str))
         for gname in sorted(plan.sources, key=_order):
