@@ -1,30 +1,29 @@
-"""Issue-3 benchmark: GGUF files of llama.cpp's quantizer vs ours, scored by llama.cpp.
+"""GGUF files of llama.cpp's quantizer vs ours, scored by llama.cpp under the domain protocol.
 
-For each model (SmolLM2-135M, and its 256-aligned padded twin ``smollm2-135m-pad768``, DESIGN.md
-§6), preset (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M) and method:
+For each model (SmolLM2-135M, its 256-aligned padded twin ``smollm2-135m-pad768``, DESIGN.md §6),
+preset (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M), calibration (bench/protocol.py: wiki, self, mix) and method:
 
   llamacpp          llama.cpp's quantizer (ggml_quantize_chunk, what llama-quantize calls)
   llamacpp-imatrix  the same with an importance matrix from the calibration tokens (llama-imatrix)
   gptq              our GPTQ (act order, the default) onto the preset's native GGML grids
   d2quant           D²Quant (DSQ in dual-scale form + DAC) onto the same grids, as `d2export gguf`
-  (ABLATIONS below: D²Quant without one part, and both in natural column order)
-  float             (with --float, once per model) the float model as an F32 GGUF: the reference
+  METHOD+KEY=VALUE  a lever: METHOD with QuantConfig fields changed, e.g. gptq+shrink=0.5,
+                    d2quant+dac=False, gptq+damp=0.1 (several: d2quant+dac=False+shrink=0.25)
 
 every file is written by the same ``write_gguf`` and measured the same way: file size, bits per
 weight over the *real* parameters (the unpadded model's, so padding zeros cost bits rather than
-diluting them), llama.cpp perplexity on the first --windows windows of --ctx tokens of wikitext-2
-test (``d2quant.evaluate.perplexity`` on the token ids torch is scored on: no BOS), and greedy
-decode tokens/s of the file against the llamacpp file of the same preset (best of --decode-reps
-runs, the two files taking turns so both see the same machine load). Calibration: --nsamples
-random windows of --seqlen tokens of wikitext-2 valid (seed 0), the same tokens for the importance
-matrix and for our methods.
+diluting them), and on every eval set of the protocol (wikitext-2 test, and the out-of-domain
+corpora gutenberg and pydocs) llama.cpp's perplexity and its KL divergence from the float model's
+F32 file in llama.cpp, on the token ids torch scores (no BOS). The importance matrix and our
+calibration read the same tokens. ``--decode`` adds greedy decode tokens/s against the llamacpp
+file of the same preset (a loaded machine makes that number noise: use --speed on an idle one).
 
-One JSON line per result is appended to --results; rows already there (same model, preset, method,
-nsamples, seqlen, windows, ctx) are skipped, so an interrupted run resumes. Files stay in --out-dir.
+One JSON line per result is appended to --results; rows already there (same key) are skipped, so an
+interrupted run resumes. Files stay in --out-dir.
 
-    python bench/gguf_bench.py                                   # the full queue (hours on 2 cores)
-    python bench/gguf_bench.py --models smollm2-135m-pad768 --presets Q2_K Q3_K_S
-    python bench/gguf_bench.py --table                           # markdown table of the results
+    python bench/gguf_bench.py --models smollm2-135m-pad768 --presets Q2_K --calib wiki \
+        --methods llamacpp-imatrix gptq d2quant gptq+shrink=0.5
+    python bench/gguf_bench.py --table                           # markdown tables of the results
     python bench/gguf_bench.py --speed OURS.gguf THEIRS.gguf --threads 2 --decode-reps 5  # idle machine
 """
 
@@ -39,14 +38,14 @@ from collections import Counter
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 
-from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
+import protocol  # bench/ is on sys.path when run as a script
+from resultlog import append_row, read_rows
 from converters.gguf import PRESETS as ALL_PRESETS
 from converters.gguf import file_bits_per_weight, preset_grids, write_gguf
-from d2quant.data import CalibConfig, calibration_tokens, read_text, wikitext_dir
-from d2quant.evaluate import perplexity
+from d2quant.data import read_text, wikitext_dir
+from d2quant.errors import D2Error
 from d2quant.padding import param_count
 from d2quant.pipeline import QuantConfig, quantize
 from d2quant.qmodel import QuantizedModel
@@ -56,25 +55,40 @@ from runtime_tests.llamacpp_quant import collect_importance, quantize_with_libgg
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = wikitext_dir()
-RESULTS = ROOT / "bench" / "results" / "gguf.jsonl"
+RESULTS = ROOT / "bench" / "results" / "gguf_domains.jsonl"  # gguf.jsonl: the in-domain rows before
 SPEED_RESULTS = ROOT / "bench" / "results" / "gguf_speed.jsonl"
 OUT_DIR = ROOT / "out" / "gguf_bench"
 
 MODELS = ("smollm2-135m", "smollm2-135m-pad768")
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
 METHODS = ("llamacpp", "llamacpp-imatrix", "gptq", "d2quant")
-# variants: D²Quant minus one part, and both methods in natural column order (rows before act
-# order became the default ran that way)
-ABLATIONS = {"d2quant-nodac": {"dac": False}, "d2quant-nodsq": {"dsq": False},
-             "gptq-natural": {"act_order": False}, "d2quant-natural": {"act_order": False},
-             "d2quant-natural-nodac": {"act_order": False, "dac": False},
-             "d2quant-natural-nodsq": {"act_order": False, "dsq": False}}
 REFERENCE = "llamacpp"  # the file decode speed is compared against
-KEY = ("model", "preset", "method", "nsamples", "seqlen", "windows", "ctx")
+KEY = ("model", "preset", "method", "calib", "nsamples", "seqlen", "windows", "ctx")
+_LEVERS = {f.name: f.type for f in dataclasses.fields(QuantConfig)
+           if f.name in ("dsq", "dac", "act_order", "damp", "shrink", "rotate", "dsq_form")}
+
+
+def method_config(method: str) -> tuple[str, dict]:
+    """``gptq+shrink=0.5+dac=False`` -> ("gptq", {"shrink": 0.5, "dac": False})."""
+    base, *levers = method.split("+")
+    if base not in METHODS:
+        raise D2Error(f"unknown method {base!r}; known: {', '.join(METHODS)}")
+    overrides = {}
+    for lever in levers:
+        key, _, value = lever.partition("=")
+        kind = _LEVERS.get(key)
+        if kind is None or not value:
+            raise D2Error(f"lever {lever!r}: use KEY=VALUE with KEY one of {', '.join(_LEVERS)}")
+        overrides[key] = value == "True" if kind in (bool, "bool") else \
+            float(value) if kind in (float, "float") else value
+    if overrides and base.startswith("llamacpp"):
+        raise D2Error(f"{method}: levers apply to our methods, not to llama.cpp's quantizer")
+    return base, overrides
 
 
 @dataclasses.dataclass
 class Settings:
+    calib: str
     nsamples: int
     seqlen: int
     windows: int
@@ -84,46 +98,31 @@ class Settings:
     decode_reps: int
     device: str
     verify: bool
+    decode: bool
     out_dir: Path
-
-
-class HFTokenIds:
-    """llama.cpp logits on the ids the torch backend scores (HF tokenizer, no BOS), so the two
-    runtimes' perplexities are over identical windows. (llama.cpp's own tokenizer agrees with it on
-    wikitext-2 test up to token 245502 of 312144, then splits one string differently.)"""
-
-    name = "llamacpp"
-
-    def __init__(self, decoder: LlamaCppDecoder, tokenizer):
-        self.decoder, self.tokenizer = decoder, tokenizer
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        return self.decoder.logits(ids)
 
 
 # ---- quantized models -------------------------------------------------------------------------
 
-def _calib_tokens(src: Source, s: Settings) -> torch.Tensor:
-    cfg = CalibConfig(calib=str(DATA / "valid.txt"), nsamples=s.nsamples, seqlen=s.seqlen, seed=0)
-    return calibration_tokens(cfg, src.model, src.tokenizer, torch.device("cpu"))
+def _calib_tokens(model: str, src: Source, s: Settings) -> torch.Tensor:
+    base = lambda: (lambda b: (b.model, b.tokenizer))(load_source(protocol._base_name(model)))  # noqa: E731
+    return protocol.calib_tokens(s.calib, model, src.model, src.tokenizer, s.nsamples, s.seqlen, base)
 
 
-def make_model(base: Source, preset: str, method: str, s: Settings) -> QuantizedModel:
+def make_model(base: Source, model: str, preset: str, method: str, s: Settings) -> QuantizedModel:
     """``method``'s quantized model of a fresh copy of ``base`` (calibration edits its model)."""
     src = dataclasses.replace(base, model=copy.deepcopy(base.model), spec=copy.deepcopy(base.spec))
     if method == "float":
         return QuantizedModel.unquantized(src)
     if method == "llamacpp":
         return quantize_with_libggml(src, preset, None)
-    tokens = _calib_tokens(src, s)
+    tokens = _calib_tokens(model, src, s)
     if method == "llamacpp-imatrix":
         return quantize_with_libggml(src, preset, collect_importance(src, tokens))
     # what `d2export gguf` runs: the preset's grids, DSQ in its dual-scale (GGUF-exact) form
-    cfg = QuantConfig(method=method.split("-")[0], dsq_form="dual", device=s.device,
-                      grids=preset_grids(preset, src.spec), **ABLATIONS.get(method, {}))
+    name, levers = method_config(method)
+    cfg = QuantConfig(method=name, dsq_form="dual", device=s.device,
+                      grids=preset_grids(preset, src.spec), **levers)
     return quantize(src, tokens, cfg)
 
 
@@ -172,16 +171,31 @@ def _types(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors))
 
 
-def run_row(base: Source, model: str, preset: str, method: str, s: Settings, test_text: str) -> dict:
+def float_file(base: Source, model: str, s: Settings) -> Path:
+    """The float model as an F32 GGUF: the KL divergence reference, in the same runtime."""
+    path = s.out_dir / f"{model}-F32-float.gguf"
+    if not path.exists():
+        write(QuantizedModel.unquantized(base), path, None)
+    return path
+
+
+def eval_sets(base: Source, model: str, s: Settings) -> list[protocol.EvalSet]:
+    ref = float_file(base, model, s)
+    return protocol.eval_sets(model, base.tokenizer, base.spec.vocab, s.windows, s.ctx, "llamacpp",
+                              lambda: LlamaCppDecoder(ref, n_ctx=s.ctx, n_threads=s.threads))
+
+
+def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
+            sets: list[protocol.EvalSet]) -> dict:
     t0 = time.time()
-    qm = make_model(base, preset, method, s)
+    qm = make_model(base, model, preset, method, s)
     quant_seconds = time.time() - t0
-    path = s.out_dir / f"{model}-{preset}-{method}.gguf"
+    path = s.out_dir / f"{model}-{preset}-{method}-{s.calib}{s.nsamples}x{s.seqlen}.gguf"
     dropped = write(qm, path, None if method == "float" else preset)
     real = base.info.get("real_params") or param_count(base.model)
-    row = {"model": model, "preset": preset, "method": method, "nsamples": s.nsamples,
-           "seqlen": s.seqlen, "windows": s.windows, "ctx": s.ctx, "file": str(path),
-           "file_bytes": path.stat().st_size, "real_params": real,
+    row = {"model": model, "preset": preset, "method": method, "calib": s.calib,
+           "nsamples": s.nsamples, "seqlen": s.seqlen, "windows": s.windows, "ctx": s.ctx,
+           "file": str(path), "file_bytes": path.stat().st_size, "real_params": real,
            "bpw": round(file_bits_per_weight(path, real), 4),
            "bpw_file_elements": round(file_bits_per_weight(path), 4), "types": _types(path),
            "quant_seconds": round(quant_seconds, 1), "warnings": dropped}
@@ -197,20 +211,19 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings, tes
     dec = LlamaCppDecoder(path, n_ctx=s.ctx, n_threads=s.threads)
     try:
         t0 = time.time()
-        res = perplexity(HFTokenIds(dec, base.tokenizer), test_text, s.ctx, s.windows)
-        row.update(ppl=round(res.ppl, 4), nll=round(res.nll, 6), tokens=res.tokens,
-                   ppl_seconds=round(time.time() - t0, 1))
+        row["scores"] = protocol.score(dec, sets)
+        row["score_seconds"] = round(time.time() - t0, 1)
     finally:
         dec.close()
 
-    if method != "float":
-        prompt = base.tokenizer(test_text[:2000], add_special_tokens=False)["input_ids"][:32]
+    if s.decode and method != "float":
+        prompt = sets[0].windows[0][:32]
         ref = s.out_dir / f"{model}-{preset}-{REFERENCE}.gguf"
         if method == REFERENCE:
             row["decode_tps"] = round(decode_speed([path], prompt, s)[0], 2)
         else:
             if not ref.exists():  # cheap: no calibration
-                write(make_model(base, preset, REFERENCE, s), ref, preset)
+                write(make_model(base, model, preset, REFERENCE, s), ref, preset)
             ours, theirs = decode_speed([path, ref], prompt, s)
             row.update(decode_tps=round(ours, 2), reference_decode_tps=round(theirs, 2),
                        decode_ratio=round(ours / theirs, 4))
@@ -242,27 +255,39 @@ def _key(row: dict) -> tuple:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per row, Δppl against llamacpp-imatrix of the same model/preset/settings."""
-    order = {m: i for i, m in enumerate((*METHODS, *ABLATIONS, "float"))}
+    """Markdown: per calibration, perplexity and KLD on every eval set, each ppl also as a ratio to
+    llamacpp-imatrix of the same model, preset, calibration and settings."""
     presets = {p: i for i, p in enumerate((*ALL_PRESETS, "F32"))}
-    rows = sorted(rows, key=lambda r: (r["model"], r["nsamples"], r["windows"],
-                                       presets.get(r["preset"], 99), order.get(r["method"], 99)))
-    imat = {(r["model"], r["preset"], r["nsamples"], r["seqlen"], r["windows"], r["ctx"]): r["ppl"]
-            for r in rows if r["method"] == "llamacpp-imatrix"}
-    out = ["| model | type | method | MiB | bpw | ppl | windows | vs imatrix | decode tok/s (vs llamacpp) | calib |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    order = lambda m: (METHODS.index(method_config(m)[0]) if m != "float" else 9, m)  # noqa: E731
+    rows = sorted(rows, key=lambda r: (r["model"], r["calib"], r["nsamples"], r["windows"],
+                                       presets.get(r["preset"], 99), order(r["method"])))
+    group = lambda r: (r["model"], r["preset"], r["calib"], r["nsamples"], r["seqlen"], r["windows"], r["ctx"])  # noqa: E731
+    imat = {group(r): r["scores"] for r in rows if r["method"] == "llamacpp-imatrix"}
+    sets = list(protocol.EVAL_SETS)
+    out = [f"| model | type | calib | method | MiB | bpw | {' | '.join(f'{n} ppl (×imx)' for n in sets)} | "
+           f"{' | '.join(f'{n} KLD mean / p99 / top-1' for n in sets)} |",
+           "|---|---|---|---|---|---|" + "---|" * (2 * len(sets))]
     for r in rows:
-        ref = imat.get((r["model"], r["preset"], r["nsamples"], r["seqlen"], r["windows"], r["ctx"]))
-        delta = f"{100 * (r['ppl'] / ref - 1):+.1f}%" if ref and r["method"] != "llamacpp-imatrix" else ""
-        speed = f"{r['decode_tps']:.1f}" if "decode_tps" in r else "-"
-        if "decode_ratio" in r:
-            speed += f" (×{r['decode_ratio']:.3f})"
-        calib = "-" if r["method"] in ("llamacpp", "float") else f"{r['nsamples']}×{r['seqlen']}"
-        out.append(f"| {r['model']} | {r['preset']} | {r['method']} | {r['file_bytes'] / 2**20:.1f} | "
-                   f"{r['bpw']:.3f} | {r['ppl']:.3f} | {r['windows']} | {delta} | {speed} | {calib} |")
+        ref = imat.get(group(r))
+        cells = []
+        for n in sets:
+            sc = r["scores"].get(n)
+            if sc is None:
+                cells.append("-")
+                continue
+            ratio = f" (×{sc['ppl'] / ref[n]['ppl']:.3f})" if ref and n in ref and r["method"] != "llamacpp-imatrix" else ""
+            cells.append(f"{sc['ppl']:.2f}{ratio}")
+        kl = [f"{r['scores'][n]['mean_kl']:.4f} / {r['scores'][n]['p99_kl']:.3f} / {100 * r['scores'][n]['top1']:.1f}%"
+              if n in r["scores"] else "-" for n in sets]
+        calib = "-" if r["method"] in ("llamacpp", "float") else f"{r['calib']} {r['nsamples']}×{r['seqlen']}"
+        out.append(f"| {r['model']} | {r['preset']} | {calib} | {r['method']} | {r['file_bytes'] / 2**20:.1f} | "
+                   f"{r['bpw']:.3f} | {' | '.join(cells)} | {' | '.join(kl)} |")
     if rows:
-        out.append(f"\nppl: llama.cpp, the first `windows` windows of {rows[0]['ctx']} tokens of wikitext-2 "
-                   "test; bpw: all tensor bytes over the unpadded model's parameters.")
+        out.append(f"\nllama.cpp perplexity and KL divergence from the F32 file in llama.cpp over {rows[0]['windows']} "
+                   f"windows of {rows[0]['ctx']} tokens per set (wiki-test: the first ones; the corpora: "
+                   "spread over the text); domains: wiki calibration scored on wiki-test is in-domain, on "
+                   "gutenberg/pydocs out-of-domain; self/mix calibration is cross. bpw: all tensor bytes "
+                   "over the unpadded model's parameters.")
     return "\n".join(out)
 
 
@@ -270,13 +295,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=ALL_PRESETS)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *ABLATIONS])
-    ap.add_argument("--float", action="store_true", help="also the float (F32) file per model")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help="llamacpp | llamacpp-imatrix | gptq | d2quant, optionally +KEY=VALUE levers")
+    ap.add_argument("--calib", default="wiki", choices=protocol.CALIBRATIONS)
+    ap.add_argument("--float", action="store_true", help="also score the float (F32) file per model")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows of --seqlen tokens")
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=100, help="perplexity windows of --ctx tokens")
+    ap.add_argument("--windows", type=int, default=40, help="windows of --ctx tokens per eval set")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (perplexity and decode)")
+    ap.add_argument("--decode", action="store_true", help="also greedy decode tokens/s per row")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--decode-reps", type=int, default=5)
     ap.add_argument("--device", default="auto", help="calibration device: auto | cpu | cuda")
@@ -291,25 +319,26 @@ def main(argv: list[str] | None = None) -> None:
     if a.table:
         print(table(read_rows(a.results)))
         return
-    s = Settings(a.nsamples, a.seqlen, a.windows, a.ctx, a.threads, a.decode_tokens, a.decode_reps,
-                 a.device, not a.no_verify, a.out_dir)
+    for m in a.methods:
+        method_config(m)  # refuse a bad lever before hours of work
+    s = Settings(a.calib, a.nsamples, a.seqlen, a.windows, a.ctx, a.threads, a.decode_tokens,
+                 a.decode_reps, a.device, not a.no_verify, a.decode, a.out_dir)
     if a.speed:
         speed_only(a.speed, s)
         return
     s.out_dir.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in read_rows(a.results)}
-    test_text = read_text(DATA / "test.txt")
     jobs = [(p, m) for p in a.presets for m in a.methods] + ([("F32", "float")] if a.float else [])
     for model in a.models:
         todo = [(p, m) for p, m in jobs
-                if (model, p, m, s.nsamples, s.seqlen, s.windows, s.ctx) not in done]
+                if (model, p, m, s.calib, s.nsamples, s.seqlen, s.windows, s.ctx) not in done]
         if not todo:
             continue
         base = load_source(model)
+        sets = eval_sets(base, model, s)
         for preset, method in todo:
             torch.manual_seed(0)
-            row = run_row(base, model, preset, method, s, test_text)
-            append_row(a.results, row)
+            append_row(a.results, run_row(base, model, preset, method, s, sets))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class QuantConfig:
     dac: bool = True  # d2quant only: deviation-aware bias on post-attention and final norms
     rotate: bool = False
     damp: float = 0.01
+    shrink: float = 0.0  # GPTQ on (1 - shrink) H + shrink diag(H) (solver.gptq)
     # GPTQ visits columns by decreasing Hessian diagonal (static groups): on SmolLM2, whose inputs
     # carry single channels of ~2,700, it took padded Q3_K_S from 33.22 to 30.80 (BENCHMARKS.md)
     act_order: bool = True
@@ -61,6 +62,8 @@ class QuantConfig:
             raise D2Error(f"--group-size must be a power of two from 16 to 1024 (runtimes need it), got {g}")
         if self.dsq_form not in ("rbin", "dual"):
             raise D2Error(f"--dsq-form must be rbin or dual, got {self.dsq_form!r}")
+        if not 0.0 <= self.shrink <= 1.0:
+            raise D2Error(f"--shrink must lie in 0..1 (1: the diagonal only, as an imatrix), got {self.shrink}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise D2Error(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -150,7 +153,7 @@ class Calibrator:
         grid = self.cfg.grid_for(name, *w.shape)
         with single_thread():
             s = rtn(w, grid, h) if self.cfg.method == "rtn" or h is None else \
-                gptq(w, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order)
+                gptq(w, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order, shrink=self.cfg.shrink)
         lin.weight.data.copy_(s.weight.to(lin.weight.dtype))
         bias = getattr(lin, "bias", None)  # embeddings have none
         bias = None if bias is None else bias.detach().float().cpu()

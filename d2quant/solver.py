@@ -54,8 +54,12 @@ def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None) -> Solved:
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
-         block: int = 128, act_order: bool = False) -> Solved:
+         block: int = 128, act_order: bool = False, shrink: float = 0.0) -> Solved:
     """GPTQ (Frantar et al.) with lazy block updates; groups never straddle a block.
+
+    shrink: solve with H' = (1 - shrink) H + shrink diag(H). At 1 the off-diagonal correlations,
+    which carry the error feedback between columns, are gone: importance-weighted rounding, what an
+    imatrix does. Between, the feedback trusts the calibration text's correlations less.
 
     act_order: visit columns by decreasing Hessian diagonal (the most input-energetic first, while
     the least error has accumulated). A group's columns are then scattered through the visit
@@ -65,6 +69,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
     w = w.detach().float().clone()
     n, k = w.shape
     h = h.detach().float().clone()
+    if shrink:
+        h = (1 - shrink) * h + shrink * torch.diag(torch.diag(h))
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0

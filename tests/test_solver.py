@@ -43,3 +43,17 @@ def test_act_order_visits_columns_by_energy_with_static_groups(grid):
     assert torch.equal(grid.dequantize_matrix(a.codes, a.params), a.weight)
     assert a.error < 0.9 * n.error, (a.error, n.error)
     assert a.error < 0.85 * rtn(w, grid, h).error
+
+
+def test_shrinking_the_hessian_to_its_diagonal_removes_the_error_feedback():
+    """shrink=1 keeps only diag(H): every column is rounded on its own, as an importance matrix
+    weighs rounding; in between, the error is between that and full GPTQ's."""
+    w, h = problem(k=128)
+    grid = UniformGrid(3, 64)
+    full, diag = gptq(w, h, grid, act_order=True), gptq(w, h, grid, act_order=True, shrink=1.0)
+    for g0 in range(0, 128, 64):
+        p = grid.fit(w[:, g0:g0 + 64], torch.diag(h)[g0:g0 + 64])
+        assert torch.equal(diag.codes[:, g0:g0 + 64], grid.quantize(w[:, g0:g0 + 64], p))
+    half = gptq(w, h, grid, act_order=True, shrink=0.5)
+    assert full.error < half.error < diag.error
+    assert torch.equal(gptq(w, h, grid, act_order=True, shrink=0.0).codes, full.codes)
