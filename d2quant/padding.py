@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from d2quant.errors import D2Error
-from d2quant.qmodel import ModelSpec
-from d2quant.sources import Source
+from d2quant.families import family_of_hf
 
 
 @dataclass(frozen=True)
@@ -83,22 +82,40 @@ def _pad(t: torch.Tensor, *sizes: int) -> torch.Tensor:
     return out
 
 
-def _padded_tensor(name: str, t: torch.Tensor, s: PadShape) -> torch.Tensor:
-    q_to, kv_to, h_to = s.heads_to * s.head_dim, s.kv_to * s.head_dim, s.hidden_to
-    role, kind = name.split(".")[-2:]
-    if role in ("input_layernorm", "post_attention_layernorm", "norm") and t.dim() == 1:
-        return _pad(t * math.sqrt(s.ratio), h_to)
-    if role in ("q_norm", "k_norm"):  # per head_dim, shared by all heads
+_NORMS = ("attn_norm", "ffn_norm")
+# llama.cpp role -> (rows, cols) of the padded matrix, as attributes of PadShape
+_MATRICES = {"attn_q": ("q_to", "hidden_to"), "attn_k": ("kv_to", "hidden_to"),
+             "attn_v": ("kv_to", "hidden_to"), "attn_output": ("hidden_to", "q_to"),
+             "ffn_gate": ("ffn_to", "hidden_to"), "ffn_up": ("ffn_to", "hidden_to"),
+             "ffn_down": ("hidden_to", "ffn_to")}
+
+
+def _role(fam, name: str) -> str:
+    """llama.cpp role of a transformers tensor name (its family names the layer's modules)."""
+    stem = name.rsplit(".", 1)[0]
+    if stem in ("model.embed_tokens", "lm_head"):
+        return stem
+    if stem == "model.norm":
+        return "output_norm"
+    parts = stem.split(".", 3)
+    role = fam.role_of(parts[3]) if len(parts) == 4 and parts[:2] == ["model", "layers"] else None
+    if role is None:
+        raise D2Error(f"cannot pad tensor {name}: it is no part padding knows")
+    return role
+
+
+def _padded_tensor(fam, name: str, t: torch.Tensor, s: PadShape) -> torch.Tensor:
+    role, kind = _role(fam, name), name.rsplit(".", 1)[1]
+    sizes = {"q_to": s.heads_to * s.head_dim, "kv_to": s.kv_to * s.head_dim, "hidden_to": s.hidden_to,
+             "ffn_to": s.ffn_to}
+    if role in (*_NORMS, "output_norm"):
+        return _pad(t * math.sqrt(s.ratio), s.hidden_to)
+    if role in ("attn_q_norm", "attn_k_norm"):  # per head_dim, shared by all heads
         return t
-    if role in ("embed_tokens", "lm_head"):
-        return _pad(t, t.shape[0], h_to) if kind == "weight" else t
-    rows = {"q_proj": q_to, "k_proj": kv_to, "v_proj": kv_to, "o_proj": h_to,
-            "gate_proj": s.ffn_to, "up_proj": s.ffn_to, "down_proj": h_to}
-    cols = {"q_proj": h_to, "k_proj": h_to, "v_proj": h_to, "o_proj": q_to,
-            "gate_proj": h_to, "up_proj": h_to, "down_proj": s.ffn_to}
-    if role not in rows:
-        raise D2Error(f"cannot pad tensor {name}: padding knows LLaMA-family decoders only")
-    return _pad(t, rows[role], cols[role]) if kind == "weight" else _pad(t, rows[role])
+    if role in ("model.embed_tokens", "lm_head"):
+        return _pad(t, t.shape[0], s.hidden_to) if kind == "weight" else t
+    rows, cols = (sizes[a] for a in _MATRICES[role])
+    return _pad(t, rows, cols) if kind == "weight" else _pad(t, rows)
 
 
 def pad_model(model: torch.nn.Module, hidden_to: int = 768, heads_to: int | None = None,
@@ -111,13 +128,16 @@ def pad_model(model: torch.nn.Module, hidden_to: int = 768, heads_to: int | None
     """
     from transformers import AutoModelForCausalLM
 
+    fam = family_of_hf(model.config.architectures or [], model.config.model_type)
+    if fam.norm_offset or fam.attn_post_norm or fam.mlp_post_norm or {lin.role for lin in fam.layer_linears()} - set(_MATRICES):
+        raise D2Error(f"padding knows the LLaMA block (unfused linears, plain RMSNorms), not {fam.name}")
     s = pad_shape(model.config, hidden_to, heads_to, ffn_to)
     cfg = copy.deepcopy(model.config)
     cfg.hidden_size, cfg.intermediate_size = s.hidden_to, s.ffn_to
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = s.heads_to, s.kv_to, s.head_dim
     cfg.rms_norm_eps = model.config.rms_norm_eps * s.ratio
     tied = bool(cfg.tie_word_embeddings)
-    state = {n: _padded_tensor(n, p.detach().float(), s) for n, p in model.state_dict().items()
+    state = {n: _padded_tensor(fam, n, p.detach().float(), s) for n, p in model.state_dict().items()
              if not (tied and n == "lm_head.weight") and not n.endswith("rotary_emb.inv_freq")}
     with torch.device("meta"):
         new = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -134,16 +154,3 @@ def pad_model(model: torch.nn.Module, hidden_to: int = 768, heads_to: int | None
 def param_count(model: torch.nn.Module) -> int:
     """Parameters of a model, tied tensors once: the 'real' count bits per weight divide by."""
     return sum(p.numel() for p in model.parameters())
-
-
-def pad_source(src: Source, hidden_to: int = 768, heads_to: int | None = None,
-               ffn_to: int | None = None) -> Source:
-    """The padded model as a Source; ``info["real_params"]`` holds the unpadded parameter count."""
-    model = pad_model(src.model, hidden_to, heads_to, ffn_to)
-    s = pad_shape(src.model.config, hidden_to, heads_to, ffn_to)
-    info = {**src.info, "name": f"{src.info.get('name', 'model')}-pad{hidden_to}",
-            "real_params": src.info.get("real_params", param_count(src.model)),
-            "padded_from": {"hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
-                            "ffn": s.ffn}}
-    return Source(model=model, tokenizer=src.tokenizer, spec=ModelSpec.from_hf_config(model.config),
-                  info=info)

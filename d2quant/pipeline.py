@@ -1,11 +1,12 @@
 """Layer-by-layer calibration: source model + calibration tokens -> QuantizedModel.
 
-Order inside each decoder layer (inputs are the outputs of the already-quantized layers):
-  A. H_qkv on the input norm's output; DAC teacher = post-attention norm output with FP attention.
-  B. quantize q, k, v; H_o on the attention context with quantized q/k/v.
-  C. quantize o; student post-attention norm output -> DAC bias b; H_gate_up on (output + b).
-  D. quantize gate, up; H_down on their quantized product; quantize down (DSQ); fold its column
-     scale into up_proj rows and b into gate/up biases (b' = W_hat b).
+The model's family (d2quant.families) names the modules; the order inside each decoder layer
+(inputs are the outputs of the already-quantized layers) is the same for every family:
+  A. H_qkv on the attention norm's output; DAC teacher = the MLP norm's output with FP attention.
+  B. quantize q, k, v (or a fused qkv); H_o on the attention context with quantized q/k/v.
+  C. quantize o; student MLP-norm output -> DAC bias b; H_gate_up on (output + b).
+  D. quantize gate, up (or a fused gate_up); H_down on their quantized product; quantize down
+     (DSQ); fold its column scale into the up rows and b into gate/up biases (b' = W_hat b).
   E. the layer's outputs with all quantized weights become the next layer's inputs.
 After the last layer: DAC on the final norm, folded into an lm_head bias.
 """
@@ -29,8 +30,6 @@ from d2quant.solver import gptq, rtn, single_thread
 from d2quant.sources import Source
 
 METHODS = ("rtn", "gptq", "d2quant")
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -82,10 +81,11 @@ class QuantConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def grid_for(self, name: str, n: int, k: int) -> Grid:
+    def grid_for(self, name: str, n: int, k: int, is_down: bool = False) -> Grid:
+        """The grid a linear is calibrated onto; ``is_down``: the MLP's down projection (DSQ)."""
         spec = self.grids.get(name) or UniformGrid(self.bits, self.group_size).spec()
         grid = grid_from_spec(spec)
-        if self.uses_dsq and name.endswith("mlp.down_proj") and grid.bits <= 3:
+        if self.uses_dsq and is_down and grid.bits <= 3:
             if self.dsq_form == "rbin" and isinstance(grid, UniformGrid):
                 grid = ResidualBinaryGrid(grid.bits, grid.group)
             else:
@@ -119,8 +119,12 @@ class _Moments:
         return (2 * h / self.n).float()
 
 
-def _causal_mask(t: int, device) -> torch.Tensor:
-    return torch.full((t, t), float("-inf"), device=device).triu(1)[None, None]
+def _causal_mask(t: int, device, window: int | None = None) -> torch.Tensor:
+    """Additive [1, 1, t, t] mask; with ``window`` a query sees itself and window - 1 keys before."""
+    mask = torch.full((t, t), float("-inf"), device=device).triu(1)
+    if window is not None and window < t:
+        mask = mask + torch.full((t, t), float("-inf"), device=device).tril(-window)
+    return mask[None, None]
 
 
 def _token_mean(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -136,6 +140,7 @@ def _peak_mem_mb(device: torch.device) -> float:
 class Calibrator:
     def __init__(self, src: Source, cfg: QuantConfig, on_layer: Callable[[int, dict], None] | None):
         self.src, self.cfg = src, cfg
+        self.family = src.spec.family
         self.model = src.model
         self.dev = cfg.torch_device()
         self.on_layer = on_layer or (lambda i, s: None)
@@ -143,14 +148,14 @@ class Calibrator:
         self.report: dict = {"layers": []}
 
     # ---- one linear ----------------------------------------------------------------------
-    def _solve(self, name: str, lin: torch.nn.Linear, h: torch.Tensor | None) -> float:
+    def _solve(self, name: str, lin: torch.nn.Linear, h: torch.Tensor | None, is_down: bool = False) -> float:
         """Quantize one linear in place; returns its Hessian-weighted relative error."""
         w = lin.weight.detach().float()
         if name in self.cfg.grids and self.cfg.grids[name] is None:
             # a preset keeps this tensor in float (rows no block fits): stored as F16, so round to it
             lin.weight.data.copy_(round_to_fp16(w).to(lin.weight.dtype))
             return 0.0
-        grid = self.cfg.grid_for(name, *w.shape)
+        grid = self.cfg.grid_for(name, *w.shape, is_down=is_down)
         with single_thread():
             s = rtn(w, grid, h) if self.cfg.method == "rtn" or h is None else \
                 gptq(w, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order, shrink=self.cfg.shrink)
@@ -160,67 +165,85 @@ class Calibrator:
         self.linears[name] = QuantizedLinear(grid, s.codes.cpu(), {k: v.cpu() for k, v in s.params.items()}, bias)
         return s.error
 
-    def _fold_col_scale(self, prefix: str, mlp) -> None:
-        """Move down_proj's column scale c into up_proj rows: down(silu(g) * c*u) == (down*c)(silu(g)*u)."""
-        down = self.linears.get(prefix + "down_proj")
+    def _fold_col_scale(self, prefix: str, layer) -> None:
+        """Move down's column scale c into the up rows: down(act(g) * c*u) == (down*c)(act(g)*u)."""
+        fam = self.family
+        down = self.linears.get(prefix + fam.down.path)
         if down is None or "col_scale" not in down.params:
             return
-        up = self.linears.get(prefix + "up_proj")
+        up_path, rows = fam.up_rows(down.shape[1])
+        up = self.linears.get(prefix + up_path)
         if up is None:
-            raise D2Error(f"{prefix}up_proj is kept in float, so DSQ's column scale has nowhere to go; "
+            raise D2Error(f"{prefix}{up_path} is kept in float, so DSQ's column scale has nowhere to go; "
                           "use --no-dsq for this model")
         grid, params, c = strip_col_scale(down.grid, down.params, down.shape[1])
+        if rows != slice(0, up.shape[0]):  # a fused gate_up: only the up half is scaled
+            c = torch.ones(up.shape[0]).index_put_((torch.arange(up.shape[0])[rows],), c)
         up.params = up.grid.scale_rows(up.params, c)
+        up_mod = layer.get_submodule(up_path)
         if up.bias is not None:
             up.bias = up.bias * c
-            mlp.up_proj.bias.data.copy_(up.bias.to(self.dev))
-        self.linears[prefix + "down_proj"] = QuantizedLinear(grid, down.codes, params, down.bias)
-        mlp.up_proj.weight.data.copy_(up.weight().to(self.dev))
-        mlp.down_proj.weight.data.copy_(self.linears[prefix + "down_proj"].weight().to(self.dev))
+            up_mod.bias.data.copy_(up.bias.to(self.dev))
+        self.linears[prefix + fam.down.path] = QuantizedLinear(grid, down.codes, params, down.bias)
+        up_mod.weight.data.copy_(up.weight().to(self.dev))
+        layer.get_submodule(fam.down.path).weight.data.copy_(
+            self.linears[prefix + fam.down.path].weight().to(self.dev))
 
-    def _fold_dac(self, prefix: str, mlp, b: torch.Tensor) -> None:
-        for nm in ("gate_proj", "up_proj"):
-            ql = self.linears.get(prefix + nm)
+    def _fold_dac(self, prefix: str, layer, b: torch.Tensor) -> None:
+        for lin in self.family.gate_up:
+            ql = self.linears.get(prefix + lin.path)
             if ql is None:
-                raise D2Error(f"{prefix}{nm} is kept in float by the preset; use --no-dac for this model")
+                raise D2Error(f"{prefix}{lin.path} is kept in float by the preset; use --no-dac for this model")
             extra = ql.weight() @ b.cpu()
             ql.bias = extra if ql.bias is None else ql.bias + extra
-            set_linear(mlp, nm, getattr(mlp, nm).weight.data, ql.bias.to(self.dev))
+            set_linear(layer, lin.path, layer.get_submodule(lin.path).weight.data, ql.bias.to(self.dev))
 
     # ---- one decoder layer ----------------------------------------------------------------
     @torch.no_grad()
     def _layer(self, i: int, layer, x: list[torch.Tensor], pe, mask) -> tuple[list[torch.Tensor], dict]:
         t0 = time.time()
-        p = f"model.layers.{i}."
-        attn, mlp, cfg = layer.self_attn, layer.mlp, self.cfg
-        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        p, fam, cfg = f"model.layers.{i}.", self.family, self.cfg
+        attn, mlp = layer.self_attn, layer.mlp
+        o_proj, down_proj = layer.get_submodule(fam.o.path), layer.get_submodule(fam.down.path)
+        n1, n2 = layer.get_submodule(fam.attn_norm), layer.get_submodule(fam.mlp_norm)
+        post_attn = layer.get_submodule(fam.attn_post_norm) if fam.attn_post_norm else (lambda t: t)
+        post_mlp = layer.get_submodule(fam.mlp_post_norm) if fam.mlp_post_norm else (lambda t: t)
         hid = x[0].shape[-1]
         err = {}
 
         def run_attn(xb):
             return attn(hidden_states=n1(xb), position_embeddings=pe, attention_mask=mask)[0]
 
+        def solve(lin, h):
+            err[lin.path.rpartition(".")[2]] = self._solve(p + lin.path, layer.get_submodule(lin.path), h,
+                                                           is_down=lin is fam.down)
+
+        def captured_inputs(module, run) -> list[torch.Tensor]:
+            seen: list[torch.Tensor] = []
+            hook = module.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+            try:
+                run()
+            finally:
+                hook.remove()
+            return seen
+
         # A: H for q/k/v; DAC teacher with full-precision attention on the quantized stream
         m_qkv, teacher = _Moments(hid, self.dev), torch.zeros(hid, dtype=torch.float64, device=self.dev)
         for xb in x:
             m_qkv.add(n1(xb))
             if cfg.uses_dac:
-                teacher += n2(xb + run_attn(xb)).reshape(-1, hid).double().sum(0)
+                teacher += n2(xb + post_attn(run_attn(xb))).reshape(-1, hid).double().sum(0)
         h = m_qkv.hessian()
-        for nm in ATTN[:3]:
-            err[nm] = self._solve(p + "self_attn." + nm, getattr(attn, nm), h)
+        for lin in fam.qkv:
+            solve(lin, h)
         # B: H for o on the context of quantized q/k/v
-        ctx: list[torch.Tensor] = []
-        hook = attn.o_proj.register_forward_hook(lambda mod, inp, out: ctx.append(inp[0]))
-        for xb in x:
-            run_attn(xb)
-        hook.remove()
+        ctx = captured_inputs(o_proj, lambda: [run_attn(xb) for xb in x])
         m_o = _Moments(ctx[0].shape[-1], self.dev)
         for c in ctx:
             m_o.add(c)
-        err["o_proj"] = self._solve(p + "self_attn.o_proj", attn.o_proj, m_o.hessian())
+        solve(fam.o, m_o.hessian())
         # C: student norm output, DAC bias, H for gate/up on the corrected activations
-        hs = [xb + attn.o_proj(c) for xb, c in zip(x, ctx)]
+        hs = [xb + post_attn(o_proj(c)) for xb, c in zip(x, ctx)]
         del ctx
         m_gu = _Moments(hid, self.dev)
         for hb in hs:
@@ -232,24 +255,24 @@ class Calibrator:
             rms = (torch.diagonal(m_gu.xtx).sum() / (m_gu.n * hid)).sqrt().float()
             stats["dac_shift"] = float(b.norm() / math.sqrt(hid) / rms)
         h = m_gu.hessian(b)
-        for nm in MLP[:2]:
-            err[nm] = self._solve(p + "mlp." + nm, getattr(mlp, nm), h)
+        for lin in fam.gate_up:
+            solve(lin, h)
         # D: H for down on the quantized gate/up product
-        m_d = _Moments(mlp.down_proj.weight.shape[1], self.dev)
         shift = 0 if b is None else b
-        for hb in hs:
-            m = n2(hb) + shift
-            m_d.add(mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m))
-        err["down_proj"] = self._solve(p + "mlp.down_proj", mlp.down_proj, m_d.hessian())
-        self._fold_col_scale(p + "mlp.", mlp)
+        acts = captured_inputs(down_proj, lambda: [mlp(n2(hb) + shift) for hb in hs])
+        m_d = _Moments(acts[0].shape[-1], self.dev)
+        for a in acts:
+            m_d.add(a)
+        del acts
+        solve(fam.down, m_d.hessian())
+        self._fold_col_scale(p, layer)
         if b is not None:
-            self._fold_dac(p + "mlp.", mlp, b)
+            self._fold_dac(p, layer, b)
         # E: outputs of the quantized layer
-        out = [hb + mlp(n2(hb)) for hb in hs]
+        out = [hb + post_mlp(mlp(n2(hb))) for hb in hs]
         stats.update({"layer": i, "seconds": round(time.time() - t0, 2),
                       "error": {k: round(v, 5) for k, v in err.items()}})
         return out, stats
-
 
     @torch.no_grad()
     def run(self, calib: torch.Tensor | None) -> QuantizedModel:
@@ -266,9 +289,12 @@ class Calibrator:
         if cfg.method == "rtn":
             for i, layer in enumerate(layers):
                 lt = time.time()
-                err = {nm: self._solve(f"model.layers.{i}.{grp}.{nm}", getattr(getattr(layer, grp), nm), None)
-                       for grp, names in (("self_attn", ATTN), ("mlp", MLP)) for nm in names}
-                self._fold_col_scale(f"model.layers.{i}.mlp.", layer.mlp)
+                fam = self.family
+                err = {lin.path.rpartition(".")[2]: self._solve(f"model.layers.{i}.{lin.path}",
+                                                                layer.get_submodule(lin.path), None,
+                                                                is_down=lin is fam.down)
+                       for lin in fam.layer_linears()}
+                self._fold_col_scale(f"model.layers.{i}.", layer)
                 stats = {"layer": i, "seconds": round(time.time() - lt, 2),
                          "error": {k: round(v, 5) for k, v in err.items()}}
                 self.report["layers"].append(stats)
@@ -296,11 +322,14 @@ class Calibrator:
         x = [inner.embed_tokens(b) for b in batches]
         t = calib.shape[1]
         pos = torch.arange(t, device=dev)[None]
-        pe = inner.rotary_emb(x[0], pos)
-        mask = _causal_mask(t, dev)
+        fam, hf = self.family, self.src.spec.hf_config
+        types = fam.layer_types(hf, len(inner.layers))
+        pes = {ty: fam.position_embeddings(inner, x[0], pos, ty) for ty in dict.fromkeys(types)}
+        masks = {w: _causal_mask(t, dev, w) for w in dict.fromkeys(fam.sliding_windows(hf, len(types)))}
+        windows = fam.sliding_windows(hf, len(types))
         for i, layer in enumerate(inner.layers):
             layer.to(dev)
-            x, stats = self._layer(i, layer, x, pe, mask)
+            x, stats = self._layer(i, layer, x, pes[types[i]], masks[windows[i]])
             self.report["layers"].append(stats)
             self.on_layer(i, stats)
         if teacher_final is None:

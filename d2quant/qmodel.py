@@ -20,24 +20,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from d2quant.errors import D2Error
+from d2quant.families import Family, family, family_of_hf
 from d2quant.grids import Grid, Params, grid_from_spec
 
 CHECKPOINT_FORMAT = "d2export-checkpoint"
 CHECKPOINT_VERSION = 1
-
-SUPPORTED_ARCHS = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
 
 
 @dataclass
 class ModelSpec:
     """Architecture facts every stage needs; ``hf_config`` rebuilds the transformers model."""
 
-    arch: str  # llama | mistral | qwen2 | qwen3
+    arch: str  # the family's name (d2quant.families): llama | mistral | qwen2 | qwen3 | gemma3 | phi3
     hidden: int
     layers: int
     heads: int
@@ -55,14 +49,12 @@ class ModelSpec:
     def from_hf_config(cls, cfg) -> "ModelSpec":
         # a config made from a GGUF file has no `architectures`; its model_type names the family
         archs = getattr(cfg, "architectures", None) or []
-        by_type = {v: k for k, v in SUPPORTED_ARCHS.items()}
-        if not archs and cfg.model_type in by_type:
-            archs = cfg.architectures = [by_type[cfg.model_type]]
-        arch = next((SUPPORTED_ARCHS[a] for a in archs if a in SUPPORTED_ARCHS), None)
-        if arch is None:
-            raise D2Error(f"unsupported architecture {archs or cfg.model_type!r}; supported: "
-                          f"{', '.join(SUPPORTED_ARCHS)}")
+        fam = family_of_hf(archs, cfg.model_type)
+        if not archs:
+            archs = cfg.architectures = [fam.hf_classes[0]]
+        arch = fam.name
         rope = getattr(cfg, "rope_parameters", None) or {}
+        rope = rope.get("full_attention", rope)  # per layer type (Gemma 3): the global layers' base
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         return cls(
             arch=arch, hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
@@ -73,6 +65,10 @@ class ModelSpec:
             rms_eps=float(cfg.rms_norm_eps), tie_embeddings=bool(cfg.tie_word_embeddings),
             max_positions=int(getattr(cfg, "max_position_embeddings", 2048)),
             hf_config=cfg.to_dict())
+
+    @property
+    def family(self) -> type[Family]:
+        return family(self.arch)
 
     def hf(self):
         from transformers import AutoConfig

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from d2quant.errors import D2Error
+from d2quant.families import family_of_hf
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -36,17 +37,26 @@ def _rotation(hidden: int) -> torch.Tensor:
     return torch.block_diag(*[hadamard(b)] * (hidden // b))
 
 
-def _readers(layer) -> tuple[list, list]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+def _family(model):
+    fam = family_of_hf(model.config.architectures or [], model.config.model_type)
+    if not fam.rotation:
+        raise D2Error(f"rotation does not apply to {fam.name}: its norms do not commute with a "
+                      "rotation of the residual stream; use --no-rotate")
+    return fam
+
+
+def _readers(fam, layer) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
+    """(norm, the linears reading its output) of a decoder layer."""
+    return [(layer.get_submodule(fam.attn_norm), [layer.get_submodule(lin.path) for lin in fam.qkv]),
+            (layer.get_submodule(fam.mlp_norm), [layer.get_submodule(lin.path) for lin in fam.gate_up])]
 
 
 @torch.no_grad()
 def fuse_norms(model) -> None:
     """Scale the reader linears' input columns by the preceding RMSNorm weight; set that weight to 1."""
-    inner = model.model
+    fam, inner = _family(model), model.model
     for layer in inner.layers:
-        for norm, readers in zip((layer.input_layernorm, layer.post_attention_layernorm), _readers(layer)):
+        for norm, readers in _readers(fam, layer):
             for lin in readers:
                 lin.weight.mul_(norm.weight.double().to(lin.weight.dtype)[None, :])
             norm.weight.fill_(1.0)
@@ -62,7 +72,7 @@ def fuse_norms(model) -> None:
 def rotate(model) -> int:
     """Fuse norms and rotate the residual stream in place; returns the Hadamard block size."""
     fuse_norms(model)
-    inner = model.model
+    fam, inner = _family(model), model.model
     q = _rotation(inner.embed_tokens.weight.shape[1])
 
     def read(lin):  # W' = W Q^T
@@ -76,9 +86,10 @@ def rotate(model) -> int:
     emb = inner.embed_tokens.weight
     emb.copy_((emb.double() @ q.T).to(emb.dtype))
     for layer in inner.layers:
-        for lin in sum(_readers(layer), []):
-            read(lin)
-        write(layer.self_attn.o_proj)
-        write(layer.mlp.down_proj)
+        for _, readers in _readers(fam, layer):
+            for lin in readers:
+                read(lin)
+        write(layer.get_submodule(fam.o.path))
+        write(layer.get_submodule(fam.down.path))
     read(model.lm_head)
     return block_size(emb.shape[1])

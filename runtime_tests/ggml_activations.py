@@ -76,13 +76,13 @@ def _fp16(_module, _args, out):
 
 
 @contextlib.contextmanager
-def emulate_llamacpp(model: torch.nn.Module, weight_types: dict[str, str]):
+def emulate_llamacpp(model: torch.nn.Module, weight_types: dict[str, str], kv_linears: tuple[str, ...] = ()):
     """Within the block, ``model`` (a transformers decoder) rounds like llama.cpp's CPU backend.
 
     ``weight_types`` maps module names (``model.layers.0.mlp.down_proj``, ``lm_head``) to the GGML
-    type of that weight in the file. q/k/v outputs are rounded to fp16 for the fp16 KV cache and the
-    fp16 queries that meet it (llama.cpp rounds K after RoPE; rounding before it differs only in
-    the last bit).
+    type of that weight in the file. The outputs of ``kv_linears`` (module path endings: the q/k/v
+    linears, fused or not) are rounded to fp16 for the fp16 KV cache and the fp16 queries that meet
+    it (llama.cpp rounds K after RoPE; rounding before it differs only in the last bit).
     """
     modules = dict(model.named_modules())
     handles = []
@@ -93,7 +93,7 @@ def emulate_llamacpp(model: torch.nn.Module, weight_types: dict[str, str]):
                 raise KeyError(f"no module {name} in the model")
             handles.append(mod.register_forward_pre_hook(
                 lambda _m, args, t=wtype: (round_activations(args[0], t), *args[1:])))
-            if name.endswith(("q_proj", "k_proj", "v_proj")):
+            if kv_linears and name.endswith(kv_linears):
                 handles.append(mod.register_forward_hook(_fp16))
         yield model
     finally:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from converters.gguf.arch import rope_heads, rope_permutation
-from converters.gguf.writer import GGUFPlan, plan_gguf
+from converters.gguf.writer import GGUFPlan, float_values, plan_gguf
 from d2quant.errors import D2Error
 from d2quant.qmodel import QuantizedModel
 from runtime_tests.ggml_activations import emulate_llamacpp, nudge_embeddings
@@ -120,12 +120,7 @@ def _expected_tensors(qm: QuantizedModel) -> tuple[dict[str, torch.Tensor], obje
     for gname, src in plan.sources.items():
         if src == "<generated>":
             continue
-        if src in qm.linears:
-            out[gname] = qm.linears[src].weight().float()
-        elif src.endswith(".bias") and src[:-5] in qm.linears:
-            out[gname] = qm.linears[src[:-5]].bias.float()
-        else:
-            out[gname] = qm.tensors[src].float()
+        out[gname] = qm.linears[src].weight().float() if src in qm.linears else float_values(qm, plan, gname)
     return out, plan
 
 
@@ -253,7 +248,8 @@ def verify_gguf(path: str | Path, reference: QuantizedModel, *, text: str | None
         cpp = [dec.logits(w) for w in windows]
         ref_model = held.to_torch()
         ref = _torch_logits(ref_model, windows)
-        with emulate_llamacpp(ref_model, weight_types(plan_gguf(held), ref_model)):
+        kv = tuple(lin.path for lin in reference.spec.family.qkv)
+        with emulate_llamacpp(ref_model, weight_types(plan_gguf(held), ref_model), kv):
             emulated = _torch_logits(ref_model, windows)
             with nudge_embeddings(ref_model):
                 nudged = _torch_logits(ref_model, windows)

@@ -174,10 +174,11 @@ def check_weights(model_dir: str | Path, qm: QuantizedModel) -> dict:
         if name != "model.embed_tokens":
             got_bias = arrays[lm["bias"]] if lm.get("bias") else None
             compare(f"{name}.bias", got_bias, _reference_bias(qm, name, lm["source"]))
+    offsets = meta.get("offsets", {})  # a (1 + w) norm is stored as 1 + w
     for name, init in meta["tensors"].items():
         if name.endswith(".bias") and name.removesuffix(".bias") in meta["linears"]:
             continue  # compared with its linear
-        compare(name, arrays[init], _reference_tensor(qm, name))
+        compare(name, arrays[init], _reference_tensor(qm, name) + np.float32(offsets.get(name, 0.0)))
     covered = {lm["source"] for lm in meta["linears"].values()}
     missing = sorted(set(qm.linears) - covered - ({"model.embed_tokens"} if meta["embed"] == "float"
                                                    else set()))

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from d2quant.errors import D2Error
-from d2quant.padding import pad_model, pad_shape, pad_source, param_count
+from d2quant.padding import pad_model, pad_shape, param_count
+from d2quant.sources import pad_source
 from d2quant.qmodel import ModelSpec
 from d2quant.sources import Source
 from tests.tiny_models import tiny_config

@@ -7,14 +7,15 @@ Tiny random models cover architectures cheaply; ``rtn_quantized_model`` also tak
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config,
+                          Qwen2Config, Qwen3Config)
 
 from d2quant.grids import ResidualBinaryGrid, UniformGrid, strip_col_scale
 from d2quant.qmodel import ModelSpec, QuantizedLinear, QuantizedModel
 
 CONFIGS = {"llama": (LlamaConfig, "LlamaForCausalLM"), "mistral": (MistralConfig, "MistralForCausalLM"),
-           "qwen2": (Qwen2Config, "Qwen2ForCausalLM"), "qwen3": (Qwen3Config, "Qwen3ForCausalLM")}
+           "qwen2": (Qwen2Config, "Qwen2ForCausalLM"), "qwen3": (Qwen3Config, "Qwen3ForCausalLM"),
+           "gemma3": (Gemma3TextConfig, "Gemma3ForCausalLM"), "phi3": (Phi3Config, "Phi3ForCausalLM")}
 
 
 def tiny_config(arch: str, **overrides):
@@ -26,6 +27,12 @@ def tiny_config(arch: str, **overrides):
               initializer_range=0.15)
     if arch == "mistral":
         kw["sliding_window"] = 24  # shorter than the test windows, so the window matters
+    if arch == "gemma3":  # a sliding layer (24-token window, its own RoPE base), then a global one
+        kw.update(sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+                  query_pre_attn_scalar=kw["head_dim"], hidden_activation="gelu_pytorch_tanh",
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    if arch == "phi3":
+        kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=None)
     kw.update(overrides)
     return cls(**kw)
 

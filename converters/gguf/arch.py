@@ -1,65 +1,132 @@
 """Which llama.cpp architecture a model is written as, its tensor names and hyperparameters.
 
-Facts from the llama.cpp that llama-cpp-python 0.3.36 vendors (src/models/*.cpp,
-llama-model.cpp ``create_tensor_qkv``):
+Facts from the llama.cpp that llama-cpp-python 0.3.36 vendors (src/models/<arch>.cpp
+``load_arch_tensors``, llama-model.cpp ``create_tensor_qkv``, conversion/*.py):
 
-* ``llama``: optional attn_q/k/v/output biases and ffn_gate/up/down biases; no output.bias.
-  RoPE is the interleaved ("normal") kind, so q/k rows are permuted from transformers' rotate-half
-  order (convert_hf_to_gguf's LLaMA permute); their biases too.
-* ``qwen2``: optional attn_q/k/v biases and an optional output.bias, no other biases.
-  NEOX RoPE: no permutation.
-* ``qwen3``: attn_q_norm/attn_k_norm, optional attn_q/k/v biases, nothing else optional.
-  NEOX RoPE.
+* every architecture here loads q/k/v as separate tensors or one fused ``attn_qkv``, each with
+  optional biases; anything else it does not create makes the loader fail ("wrong number of
+  tensors"), so the architecture is the first of the family's candidates that carries every tensor;
+* ``llama``: optional attn_output and ffn_gate/up/down biases (applied by build_ffn); no
+  output.bias. RoPE is the interleaved ("normal") kind, so q/k rows are permuted from
+  transformers' rotate-half order (convert_hf_to_gguf's LLaMA permute), their biases too;
+* ``qwen2``: optional output.bias (added to the logits), no other biases. NEOX RoPE;
+* ``qwen3``: attn_q_norm/attn_k_norm, no other biases. NEOX RoPE;
+* ``gemma3``: attn_q_norm/attn_k_norm, post_attention_norm, post_ffw_norm, no other biases.
+  NEOX RoPE. The graph multiplies by the stored norm weight, so a (1 + w) norm is stored as 1 + w
+  (conversion/gemma.py); it scales the token embeddings by sqrt(n_embd) itself and Q by
+  1/sqrt(head_dim), so a query_pre_attn_scalar other than head_dim is carried by attn_q_norm.
+  Sliding-window layers read ``rope.freq_base_swa``; which layers slide is the per-layer
+  ``attention.sliding_window_pattern`` array;
+* ``phi3``: fused attn_qkv and ffn_up (gate rows first, then up), no biases but q/k/v. NEOX
+  RoPE; llama.cpp disables its sliding window.
 
-A loader refuses tensors its architecture does not create ("wrong number of tensors"), so the
-architecture is chosen by which one carries every tensor the quantized model has: a Qwen2 model
-with DAC's ffn biases is written as ``llama`` (which loads Qwen2's q/k/v biases too, and with the
-permutation computes the same attention); without them, as ``qwen2``, which also keeps
-lm_head.bias. Qwen3 has no llama.cpp architecture with ffn biases.
+No architecture with a gated MLP takes both ffn_gate/ffn_up biases and output.bias, and none with
+q/k norms takes ffn biases: DAC's ffn biases reach llama.cpp only through ``llama`` (so never for
+Qwen3, Gemma 3 or Phi-3), and its final-norm shift (lm_head.bias) only through ``qwen2``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import gguf
 import numpy as np
 
 from d2quant.errors import D2Error
+from d2quant.families import Family
 from d2quant.qmodel import ModelSpec
 
-_QKV_BIAS = frozenset({"attn_q.bias", "attn_k.bias", "attn_v.bias"})
+_QKV = frozenset({"attn_q", "attn_k", "attn_v"})
+_QKV_BIAS = frozenset({"attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_qkv.bias"})
+_BLOCK = frozenset({"attn_norm", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"})
+DAC_FFN_BIASES = frozenset({"ffn_gate.bias", "ffn_up.bias"})
 
 
 @dataclass(frozen=True)
 class ArchLayout:
     name: str  # general.architecture
     permute_qk: bool  # interleaved RoPE: q/k rows need convert_hf_to_gguf's permutation
-    optional: frozenset[str]  # per-layer tensors (name after "blk.N.") the loader accepts if present
+    required: frozenset[str]  # per-layer weights (names after "blk.N.", no suffix), q/k/v aside
+    optional: frozenset[str]  # per-layer tensors (with suffix) the loader accepts if present
     output_bias: bool
-    qk_norm: bool
+    hparams: Callable  # (writer, spec) -> None: the architecture's hyperparameter fields
+    sliding_window: bool = False  # llama.cpp applies the model's attention windows
 
 
-LAYOUTS = {
-    "llama": ArchLayout("llama", True, _QKV_BIAS | {"attn_output.bias", "ffn_gate.bias",
-                                                    "ffn_up.bias", "ffn_down.bias"}, False, False),
-    "qwen2": ArchLayout("qwen2", False, _QKV_BIAS, True, False),
-    "qwen3": ArchLayout("qwen3", False, _QKV_BIAS, False, True),
-}
+def _common(writer, spec: ModelSpec) -> None:
+    writer.add_context_length(spec.max_positions)
+    writer.add_embedding_length(spec.hidden)
+    writer.add_block_count(spec.layers)
+    writer.add_feed_forward_length(spec.ffn)
+    writer.add_head_count(spec.heads)
+    writer.add_head_count_kv(spec.kv_heads)
 
-# transformers module path inside a decoder layer -> GGUF name inside "blk.N."
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
+
+def _llama_hparams(writer, spec: ModelSpec) -> None:
+    """What convert_hf_to_gguf writes for the LLaMA-family architectures."""
+    _common(writer, spec)
+    writer.add_key_length(spec.head_dim)
+    writer.add_value_length(spec.head_dim)
+    writer.add_rope_dimension_count(spec.head_dim)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_layer_norm_rms_eps(spec.rms_eps)
+    writer.add_vocab_size(spec.vocab)
+    _write_rope_scaling(writer, spec)
+
+
+def _gemma3_hparams(writer, spec: ModelSpec) -> None:
+    fam, cfg = spec.family, spec.hf_config
+    _common(writer, spec)
+    writer.add_layer_norm_rms_eps(spec.rms_eps)
+    writer.add_key_length(spec.head_dim)
+    writer.add_value_length(spec.head_dim)
+    thetas = fam.rope_thetas(cfg, spec.layers, spec.rope_theta)
+    windows = fam.sliding_windows(cfg, spec.layers)
+    slide = [w is not None for w in windows]
+    writer.add_rope_freq_base(next((t for t, s in zip(thetas, slide) if not s), spec.rope_theta))
+    if any(slide):
+        writer.add_float32(f"{writer.arch}.rope.freq_base_swa", next(t for t, s in zip(thetas, slide) if s))
+        writer.add_sliding_window(next(w for w in windows if w))
+        writer.add_array(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=writer.arch), slide)
+    if cfg.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if cfg.get("attn_logit_softcapping"):
+        raise D2Error("llama.cpp's gemma3 has no attention logit softcapping; this model uses it")
+    writer.add_vocab_size(spec.vocab)
+    _write_rope_scaling(writer, spec)
+
+
+def _phi3_hparams(writer, spec: ModelSpec) -> None:
+    cfg = spec.hf_config
+    if spec.heads * spec.head_dim != spec.hidden:
+        raise D2Error("llama.cpp's phi3 assumes heads x head_dim == hidden; this model differs")
+    if (cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}).get("rope_type", "default") != "default":
+        raise D2Error("Phi-3 with RoPE scaling (longrope) is not supported for GGUF export yet")
+    _common(writer, spec)
+    writer.add_layer_norm_rms_eps(spec.rms_eps)
+    writer.add_rope_scaling_orig_ctx_len(int(cfg.get("original_max_position_embeddings") or spec.max_positions))
+    writer.add_rope_dimension_count(int(cfg.get("partial_rotary_factor", 1.0) * spec.hidden) // spec.heads)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_sliding_window(int(cfg.get("sliding_window") or 0))
+    writer.add_vocab_size(spec.vocab)
+
+
+LAYOUTS = {lay.name: lay for lay in (
+    ArchLayout("llama", True, _BLOCK, _QKV_BIAS | {"attn_output.bias", "ffn_gate.bias", "ffn_up.bias",
+                                                  "ffn_down.bias"}, False, _llama_hparams),
+    ArchLayout("qwen2", False, _BLOCK, _QKV_BIAS, True, _llama_hparams),
+    ArchLayout("qwen3", False, _BLOCK | {"attn_q_norm", "attn_k_norm"}, _QKV_BIAS, False, _llama_hparams),
+    ArchLayout("gemma3", False, _BLOCK | {"attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"},
+               _QKV_BIAS, False, _gemma3_hparams, sliding_window=True),
+    ArchLayout("phi3", False, _BLOCK - {"ffn_gate"}, _QKV_BIAS, False, _phi3_hparams),
+)}
+
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, fam: type[Family]) -> str:
     """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (also without suffix)."""
     stem, _, suffix = hf_name.rpartition(".")
     if suffix not in ("weight", "bias"):
@@ -67,26 +134,39 @@ def gguf_name(hf_name: str) -> str:
     if stem in _TOP_NAMES:
         return f"{_TOP_NAMES[stem]}.{suffix}"
     parts = stem.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_NAMES:
-        return f"blk.{parts[2]}.{_LAYER_NAMES[parts[3]]}.{suffix}"
-    raise D2Error(f"tensor {hf_name} has no GGUF name; the model has parts llama.cpp does not load")
+    role = fam.role_of(parts[3]) if len(parts) == 4 and parts[:2] == ["model", "layers"] else None
+    if role is None:
+        raise D2Error(f"tensor {hf_name} has no GGUF name; the model has parts llama.cpp does not load")
+    return f"blk.{parts[2]}.{role}.{suffix}"
+
+
+def layer_tensors(names: set[str]) -> set[str]:
+    """Per-layer tensor names without the "blk.N." prefix."""
+    return {n.split(".", 2)[2] for n in names if n.startswith("blk.")}
+
+
+def required(layout: ArchLayout, have: set[str]) -> set[str]:
+    """The weights a layer must hold, given whether its q/k/v are fused (``have``: its tensors)."""
+    qkv = {"attn_qkv"} if "attn_qkv.weight" in have else _QKV
+    return {f"{r}.weight" for r in layout.required | qkv}
 
 
 def choose_layout(spec: ModelSpec, gguf_names: set[str]) -> ArchLayout:
-    """The architecture that loads every tensor in ``gguf_names`` (see the module doc)."""
-    per_layer = {n.split(".", 2)[2] for n in gguf_names if n.startswith("blk.")}
-    biases = {n for n in per_layer if n.endswith(".bias")}
-    if spec.arch in ("llama", "mistral"):
-        return LAYOUTS["llama"]
-    if spec.arch == "qwen2":
-        return LAYOUTS["qwen2"] if biases <= LAYOUTS["qwen2"].optional else LAYOUTS["llama"]
-    if spec.arch == "qwen3":
-        extra = biases - LAYOUTS["qwen3"].optional
-        if extra:
-            raise D2Error(f"llama.cpp's qwen3 architecture has no {', '.join(sorted(extra))} tensors; "
-                          "quantize Qwen3 for GGUF without DAC (--no-dac)")
-        return LAYOUTS["qwen3"]
-    raise D2Error(f"no GGUF architecture for {spec.arch!r}; supported: llama, mistral, qwen2, qwen3")
+    """The first of the family's llama.cpp architectures that loads every tensor (module doc)."""
+    per_layer = layer_tensors(gguf_names)
+    extra_by = {}
+    for name in spec.family.gguf_archs:
+        lay = LAYOUTS[name]
+        extra = per_layer - required(lay, per_layer) - lay.optional
+        if not extra:
+            return lay
+        extra_by[name] = extra
+    extra = set.intersection(*extra_by.values())
+    archs = " or ".join(extra_by)
+    if extra and extra <= DAC_FFN_BIASES:
+        raise D2Error(f"llama.cpp's {archs} architecture has no {', '.join(sorted(extra))} tensors (DAC's "
+                      f"ffn biases); quantize {spec.arch} for GGUF without DAC (--no-dac)")
+    raise D2Error(f"llama.cpp's {archs} architecture cannot load {', '.join(sorted(extra or set().union(*extra_by.values())))}")
 
 
 def rope_permutation(n_rows: int, n_head: int) -> np.ndarray:
@@ -102,26 +182,11 @@ def rope_heads(spec: ModelSpec, role: str) -> int:
     return spec.heads if role == "attn_q" else spec.kv_heads
 
 
-def write_hparams(writer, spec: ModelSpec, layout: ArchLayout) -> None:
-    """The architecture's hyperparameter fields (what convert_hf_to_gguf writes for these models)."""
-    writer.add_context_length(spec.max_positions)
-    writer.add_embedding_length(spec.hidden)
-    writer.add_block_count(spec.layers)
-    writer.add_feed_forward_length(spec.ffn)
-    writer.add_head_count(spec.heads)
-    writer.add_head_count_kv(spec.kv_heads)
-    writer.add_key_length(spec.head_dim)
-    writer.add_value_length(spec.head_dim)
-    writer.add_rope_dimension_count(spec.head_dim)
-    writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_layer_norm_rms_eps(spec.rms_eps)
-    writer.add_vocab_size(spec.vocab)
-    _write_rope_scaling(writer, spec)
-
-
 def _rope_params(spec: ModelSpec) -> dict:
+    """The RoPE scaling of the global layers (per layer type in Gemma 3's config)."""
     cfg = spec.hf_config
-    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return rp.get("full_attention", rp)
 
 
 def _write_rope_scaling(writer, spec: ModelSpec) -> None:

@@ -17,6 +17,8 @@ Facts from that source that shape the code:
   32 does not divide it.
 * The "70B" rule (attn_v Q3_K/Q4_K -> Q5_K) applies to 80-layer models with grouped-query
   attention, as llama.cpp classifies them for the llama and qwen2 architectures.
+* A fused attn_qkv (Phi-3) is counted and typed as attn_v (category_is_attn_v); a fused ffn_up
+  follows the ffn_up rules (none in these presets).
 
 Not modelled: the Q4_0 preset's ffn_down bump to Q4_1 that llama.cpp makes only when given an
 importance matrix, MoE and Falcon rules, and user overrides (--tensor-type, --output-tensor-type).
@@ -111,19 +113,17 @@ def _fit_rows(kind: str, n_cols: int) -> str:
 
 
 def _is_70b(spec: ModelSpec) -> bool:
-    return spec.arch != "qwen3" and spec.layers == 80 and spec.heads != spec.kv_heads
+    """llama.cpp's LLM_TYPE_70B, as its llama and qwen2 loaders classify 80-layer GQA models."""
+    return (spec.family.gguf_archs[0] in ("llama", "qwen2") and spec.layers == 80
+            and spec.heads != spec.kv_heads)
 
 
 def linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     """[N out, K in] of every weight matrix by transformers name (embeddings as [vocab, hidden])."""
-    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     shapes = {"model.embed_tokens": (spec.vocab, spec.hidden)}
+    per_layer = spec.family.linear_shapes(spec)
     for i in range(spec.layers):
-        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        shapes |= {f"{a}.q_proj": (q, spec.hidden), f"{a}.k_proj": (kv, spec.hidden),
-                   f"{a}.v_proj": (kv, spec.hidden), f"{a}.o_proj": (spec.hidden, q),
-                   f"{m}.gate_proj": (spec.ffn, spec.hidden), f"{m}.up_proj": (spec.ffn, spec.hidden),
-                   f"{m}.down_proj": (spec.hidden, spec.ffn)}
+        shapes |= {f"model.layers.{i}.{path}": shape for path, shape in per_layer.items()}
     if not spec.tie_embeddings:
         shapes["lm_head"] = (spec.vocab, spec.hidden)
     return shapes
@@ -140,16 +140,17 @@ def preset_types(preset: str, spec: ModelSpec) -> dict[str, str]:
     base, n = _BASE[preset], spec.layers
     gqa = spec.heads // spec.kv_heads
     out: dict[str, str] = {}
+    fam = spec.family
     for name, (_, k) in linear_shapes(spec).items():
-        role = name.rsplit(".", 1)[-1]
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        role = fam.role_of(name.split(".", 3)[3]) if layer >= 0 else None
         if name == "lm_head" or (name == "model.embed_tokens" and spec.tie_embeddings):
             t = _output(base, k)
-        elif role == "v_proj":
+        elif role in ("attn_v", "attn_qkv"):  # llama-quant.cpp counts a fused qkv as attn_v
             t = _attn_v(preset, base, layer, n, gqa, _is_70b(spec))
-        elif role == "down_proj":
+        elif role == "ffn_down":
             t = _ffn_down(preset, base, layer, n)
-        elif role == "o_proj":
+        elif role == "attn_output":
             t = _attn_output(preset, base)
         else:  # q, k, gate, up and an untied token_embd keep the preset's base type
             t = base
@@ -177,11 +178,7 @@ def tensor_nbytes(kind: str, n_rows: int, n_cols: int) -> int:
 
 def spec_param_count(spec: ModelSpec) -> int:
     """Real parameters of the model: matrices (tied embeddings once) plus norm weights."""
-    mats = sum(n * k for n, k in linear_shapes(spec).values())
-    norms = spec.hidden * (2 * spec.layers + 1)
-    if spec.arch == "qwen3":
-        norms += 2 * spec.head_dim * spec.layers
-    return mats + norms
+    return sum(n * k for n, k in linear_shapes(spec).values()) + spec.family.norm_count(spec)
 
 
 @dataclass(frozen=True)

@@ -25,18 +25,16 @@ import gguf
 import numpy as np
 import torch
 
-from converters.gguf.arch import (ArchLayout, choose_layout, extra_tensors, gguf_name, rope_heads,
-                                  rope_permutation, write_hparams)
+from converters.gguf.arch import (ArchLayout, choose_layout, extra_tensors, gguf_name, layer_tensors,
+                                  required, rope_heads, rope_permutation)
 from converters.gguf.blocks import ggml_form, pack_linear
 from converters.gguf.presets import FLOAT, PRESETS, preset_types
 from converters.gguf.tokenizer import add_tokenizer
 from d2quant.errors import D2Error
 from d2quant.qmodel import QuantizedModel, check_output
 
-_REQUIRED = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-             "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
-             "ffn_down.weight")
-_QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
+_NORM_ROLES = ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm", "attn_q_norm",
+               "attn_k_norm", "output_norm")
 
 
 @dataclass
@@ -64,14 +62,15 @@ def _float_type(t: torch.Tensor) -> str:
 def plan_gguf(qm: QuantizedModel) -> GGUFPlan:
     sources: dict[str, str] = {}
     types: dict[str, str] = {}
+    fam = qm.spec.family
     for name, ql in qm.linears.items():
-        gname = gguf_name(name + ".weight")
+        gname = gguf_name(name + ".weight", fam)
         grid, _, _ = ggml_form(name, ql.grid, ql.codes, ql.params)
         sources[gname], types[gname] = name, grid.type_name
         if ql.bias is not None:
-            sources[gguf_name(name + ".bias")] = name + ".bias"
+            sources[gguf_name(name + ".bias", fam)] = name + ".bias"
     for name, t in qm.tensors.items():
-        gname = gguf_name(name)
+        gname = gguf_name(name, fam)
         if gname in sources:
             raise D2Error(f"{name} is both a quantized linear and a float tensor; the model is inconsistent")
         sources[gname], types[gname] = name, _float_type(t)
@@ -93,22 +92,21 @@ def plan_gguf(qm: QuantizedModel) -> GGUFPlan:
 
 
 def _sliding_window_notes(qm: QuantizedModel, layout: ArchLayout) -> list[str]:
-    cfg = qm.spec.hf_config
-    window = cfg.get("sliding_window")
-    if not window or not cfg.get("use_sliding_window", True) or window >= qm.spec.max_positions:
+    windows = [w for w in qm.spec.family.sliding_windows(qm.spec.hf_config, qm.spec.layers)
+               if w and w < qm.spec.max_positions]
+    if not windows or layout.sliding_window:
         return []
     return [f"llama.cpp's {layout.name} architecture attends to the whole context, not the model's "
-            f"{window}-token sliding window: outputs differ beyond {window} tokens"]
+            f"{windows[0]}-token sliding window: outputs differ beyond {windows[0]} tokens"]
 
 
 def _check_tensors(qm: QuantizedModel, layout: ArchLayout, names: set[str]) -> None:
-    required = set(_REQUIRED) | (set(_QK_NORMS) if layout.qk_norm else set())
-    allowed = required | layout.optional
     for i in range(qm.spec.layers):
-        have = {n.split(".", 2)[2] for n in names if n.startswith(f"blk.{i}.")}
-        if missing := required - have:
+        have = layer_tensors({n for n in names if n.startswith(f"blk.{i}.")})
+        need = required(layout, have)
+        if missing := need - have:
             raise D2Error(f"layer {i} lacks {', '.join(sorted(missing))}; the quantized model is incomplete")
-        if extra := have - allowed:
+        if extra := have - need - layout.optional:
             raise D2Error(f"llama.cpp's {layout.name} architecture cannot load "
                           f"{', '.join(sorted(extra))} (layer {i})")
     for top in ("token_embd.weight", "output_norm.weight"):
@@ -131,14 +129,30 @@ def _tensor_data(qm: QuantizedModel, plan: GGUFPlan,
     if src in qm.linears:
         tname, raw = pack_linear(src, qm.linears[src])
         return _rope_rows(plan.layout, qm, gname, raw), gguf.GGMLQuantizationType[tname]
-    if src.endswith(".bias") and src[:-5] in qm.linears:
-        t = qm.linears[src[:-5]].bias
-    else:
-        t = qm.tensors[src]
-    arr = t.detach().cpu().float().numpy()
+    arr = float_values(qm, plan, gname).numpy()
     if plan.types[gname] == "F16":
         arr = arr.astype(np.float16)
     return np.ascontiguousarray(_rope_rows(plan.layout, qm, gname, arr)), None
+
+
+def float_values(qm: QuantizedModel, plan: GGUFPlan, gname: str) -> torch.Tensor:
+    """The float32 values a float tensor (or a linear's bias) is stored with, q/k rows unpermuted.
+
+    A norm of a (1 + w) family is stored as 1 + w, which llama.cpp multiplies by; Gemma's
+    query_pre_attn_scalar, which llama.cpp replaces by head_dim, is carried by attn_q_norm.
+    """
+    src = plan.sources[gname]
+    if src.endswith(".bias") and src[:-5] in qm.linears:
+        return qm.linears[src[:-5]].bias.detach().cpu().float()
+    t = qm.tensors[src].detach().cpu().float()
+    role = gname.rsplit(".", 2)[-2] if gname.endswith(".weight") else ""
+    fam = qm.spec.family
+    if fam.norm_offset and role in _NORM_ROLES:
+        t = t + fam.norm_offset
+    plain = qm.spec.head_dim ** -0.5  # the attention scale llama.cpp applies
+    if role == "attn_q_norm" and fam.attention_scale(qm.spec) != plain:
+        t = t * (fam.attention_scale(qm.spec) / plain)
+    return t
 
 
 def _order(gname: str) -> tuple:
@@ -146,8 +160,9 @@ def _order(gname: str) -> tuple:
     if gname.startswith("blk."):
         _, i, rest = gname.split(".", 2)
         role = rest.rsplit(".", 1)[0]
-        roles = ["attn_norm", "attn_q", "attn_q_norm", "attn_k", "attn_k_norm", "attn_v",
-                 "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+        roles = ["attn_norm", "attn_qkv", "attn_q", "attn_q_norm", "attn_k", "attn_k_norm", "attn_v",
+                 "attn_output", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
+                 "post_ffw_norm"]
         return (1, int(i), roles.index(role) if role in roles else len(roles), rest)
     return ({"token_embd.weight": 0, "rope_freqs.weight": 0}.get(gname, 2), 0, 0, gname)
 
@@ -208,7 +223,7 @@ def write_gguf(qm: QuantizedModel, out_path: str | Path, *, force: bool = False,
     try:
         writer = gguf.GGUFWriter(tmp, plan.layout.name)
         add_tokenizer(writer, qm)  # first: a GGUF source's general.* fields, then ours on top
-        write_hparams(writer, qm.spec, plan.layout)
+        plan.layout.hparams(writer, qm.spec)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(file_type(qm, plan))
         writer.add_string("general.quantized_by", "d2export")

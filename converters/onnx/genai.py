@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from d2quant.qmodel import QuantizedModel
 
-GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
-
-
 def _token_id(qm: QuantizedModel, key: str):
     value = qm.spec.hf_config.get(key)
     if value is None and qm.tokenizer is not None:
@@ -41,7 +38,7 @@ def genai_config(qm: QuantizedModel, filename: str) -> dict:
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": GENAI_TYPES[spec.arch],
+            "type": spec.family.genai_type,
             "vocab_size": spec.vocab,
         },
         "search": {

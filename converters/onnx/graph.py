@@ -19,7 +19,7 @@ runtimes without the contrib op; BENCHMARKS.md compares their speed.
 
 from __future__ import annotations
 
-import importlib
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -34,35 +34,41 @@ from d2quant.qmodel import QuantizedModel
 EMBED_MODES = ("float", "quantized")
 ATTENTION_MODES = ("gqa", "ops")  # contrib GroupQueryAttention | standard ONNX ops
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
-_HF_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
-def rope_caches(qm: QuantizedModel) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [max_positions, head_dim / 2] exactly as transformers computes them."""
-    spec = qm.spec
-    cfg = spec.hf()
-    rope_type = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type not in _STATIC_ROPE:
-        raise D2Error(f"RoPE type {rope_type!r} changes with sequence length; the ONNX export supports "
-                      f"{', '.join(sorted(_STATIC_ROPE))}")
-    module = importlib.import_module(f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}")
-    rotary = getattr(module, f"{_HF_PREFIX[spec.arch]}RotaryEmbedding")(config=cfg)
-    pos = torch.arange(spec.max_positions)[None]
-    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
-    half = spec.head_dim // 2
-    return to_numpy(cos[0, :, :half]), to_numpy(sin[0, :, :half])
+class _Rotary:
+    """The model's own rotary module (transformers'), where a family's position_embeddings finds it."""
+
+    def __init__(self, qm: QuantizedModel):
+        from transformers import AutoModelForCausalLM
+
+        cfg = qm.spec.hf()
+        cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+        prefix = qm.spec.family.hf_classes[0].removesuffix("ForCausalLM")
+        self.rotary_emb = getattr(sys.modules[cls.__module__], f"{prefix}RotaryEmbedding")(config=cfg)
 
 
-def sliding_windows(qm: QuantizedModel) -> list[int | None]:
-    """Per layer: the attention window (tokens a query sees, itself included) or None for full."""
-    cfg, n = qm.spec.hf_config, qm.spec.layers
-    window = cfg.get("sliding_window")
-    if not window:
-        return [None] * n
-    types = cfg.get("layer_types")
-    if types:
-        return [window if t == "sliding_attention" else None for t in types]
-    return [window] * n if qm.spec.arch == "mistral" else [None] * n
+def rope_caches(qm: QuantizedModel) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per layer type: cos, sin [max_positions, head_dim / 2] exactly as transformers computes them."""
+    spec, fam = qm.spec, qm.spec.family
+    for params in _rope_parameter_sets(spec.hf_config):
+        if params.get("rope_type", "default") not in _STATIC_ROPE:
+            raise D2Error(f"RoPE type {params['rope_type']!r} changes with sequence length; the ONNX "
+                          f"export supports {', '.join(sorted(_STATIC_ROPE))}")
+    if spec.hf_config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise D2Error("partial rotary embeddings are not supported by the ONNX export")
+    holder, pos, half = _Rotary(qm), torch.arange(spec.max_positions)[None], spec.head_dim // 2
+    out = {}
+    for layer_type in dict.fromkeys(fam.layer_types(spec.hf_config, spec.layers)):
+        cos, sin = fam.position_embeddings(holder, torch.zeros(1, dtype=torch.float32), pos, layer_type)
+        out[layer_type] = (to_numpy(cos[0, :, :half]), to_numpy(sin[0, :, :half]))
+    return out
+
+
+def _rope_parameter_sets(cfg: dict) -> list[dict]:
+    rp = cfg.get("rope_parameters") or {}
+    nested = [v for v in rp.values() if isinstance(v, dict)]  # per layer type (Gemma 3)
+    return nested or [rp]
 
 
 class DecoderBuilder:
@@ -78,10 +84,9 @@ class DecoderBuilder:
         self._masks: dict[int | None, str] = {}  # standard-ops attention: additive mask per window
         self._total: str | None = None
         self._tables: dict[str, UniformTable] = {}  # quantized tables a tied lm_head reuses
-        act = qm.spec.hf_config.get("hidden_act", "silu")
-        if act != "silu":
-            raise D2Error(f"activation {act!r} is not supported by the ONNX export (SwiGLU/silu only)")
-        self.qm, self.g, self.spec = qm, g, qm.spec
+        self.qm, self.g, self.spec, self.family = qm, g, qm.spec, qm.spec.family
+        if qm.spec.hf_config.get("attn_logit_softcapping") or qm.spec.hf_config.get("final_logit_softcapping"):
+            raise D2Error("logit softcapping is not supported by the ONNX export")
         self.embed, self.dsq_layout, self.accuracy_level = embed, dsq_layout, accuracy_level
         self.meta: dict = {"linears": {}, "tensors": {}}
         self.shapes: dict[str, tuple[int, ...]] = {}  # of float initializers
@@ -129,7 +134,12 @@ class DecoderBuilder:
         return g.op("Reshape", [y, shape], f"{name}/out")
 
     def rms_norm(self, name: str, x: str) -> str:
-        return self.g.op("SimplifiedLayerNormalization", [x, self.tensor(f"{name}.weight")],
+        """RMSNorm; a family's weight offset (Gemma: x * (1 + w)) is added to the stored weight."""
+        key, offset = f"{name}.weight", self.family.norm_offset
+        if offset and key not in self.meta["tensors"]:
+            self.store_float(key, to_numpy(self.qm.tensors[key]) + np.float32(offset))
+            self.meta.setdefault("offsets", {})[key] = offset
+        return self.g.op("SimplifiedLayerNormalization", [x, self.tensor(key)],
                          f"{name}/RMSNorm", axis=-1, epsilon=self.spec.rms_eps)
 
     # ---- graph ---------------------------------------------------------------------------
@@ -153,14 +163,19 @@ class DecoderBuilder:
             seqlens = g.op("Cast", [g.op("Sub", [mask_len, g.const(1)], "attn/mask_sub")],
                            "attn/seqlens_k", to=TensorProto.INT32)
             total = g.op("Cast", [self._total_len()], "attn/total_len", to=TensorProto.INT32)
-        cos, sin = rope_caches(self.qm)
-        cos, sin = g.init("rope.cos_cache", cos), g.init("rope.sin_cache", sin)
-        if self.attention == "ops":  # [B, 1, S, D] tables at the tokens' positions, for all layers
-            cos, sin = self._rope_at_positions(cos, "cos"), self._rope_at_positions(sin, "sin")
+        tables = {}
+        for n, (layer_type, (cos, sin)) in enumerate(rope_caches(self.qm).items()):
+            tag = "" if n == 0 else f"_{layer_type}"  # the first (often only) table keeps the plain name
+            cos, sin = g.init(f"rope.cos_cache{tag}", cos), g.init(f"rope.sin_cache{tag}", sin)
+            if self.attention == "ops":  # [B, 1, S, D] tables at the tokens' positions
+                cos, sin = self._rope_at_positions(cos, f"cos{tag}"), self._rope_at_positions(sin, f"sin{tag}")
+            tables[layer_type] = (cos, sin)
 
         x = self.embedding()
-        for i, window in enumerate(sliding_windows(self.qm)):
-            x = self.layer(i, x, seqlens, total, cos, sin, window)
+        fam, cfg = self.family, spec.hf_config
+        types, windows = fam.layer_types(cfg, spec.layers), fam.sliding_windows(cfg, spec.layers)
+        for i, (layer_type, window) in enumerate(zip(types, windows)):
+            x = self.layer(i, x, seqlens, total, *tables[layer_type], window)
         x = self.rms_norm("model.norm", x)
         lm_source = self.lm_head_source()
         logits = self.linear("lm_head", x, lm_source)
@@ -177,11 +192,18 @@ class DecoderBuilder:
                 self.g, "model.embed_tokens", ql, "input_ids")
             meta["source"] = "model.embed_tokens"
             self.meta["linears"]["model.embed_tokens"] = meta
-            return out
+            return self._scaled(out)
         if ql is not None:  # keep the quantized table's exact values, in float
             self.store_float("model.embed_tokens.weight", ql.weight().numpy())
-        return self.g.op("Gather", [self.tensor("model.embed_tokens.weight"), "input_ids"],
-                         "model.embed_tokens/Gather", axis=0)
+        return self._scaled(self.g.op("Gather", [self.tensor("model.embed_tokens.weight"), "input_ids"],
+                                      "model.embed_tokens/Gather", axis=0))
+
+    def _scaled(self, x: str) -> str:
+        """The family's embedding scale (Gemma: sqrt(hidden), in float32 as transformers has it)."""
+        scale = self.family.embed_scale(self.spec)
+        if scale == 1.0:
+            return x
+        return self.g.op("Mul", [x, self.g.const(np.float32(scale), np.float32)], "model.embed_tokens/scale")
 
     def lm_head_source(self) -> str:
         if "lm_head" in self.qm.linears or "lm_head.weight" in self.qm.tensors:
@@ -192,14 +214,14 @@ class DecoderBuilder:
 
     def layer(self, i: int, x: str, seqlens: str, total: str, cos: str, sin: str,
               window: int | None) -> str:
-        g, spec, p = self.g, self.spec, f"model.layers.{i}"
-        h = self.rms_norm(f"{p}.input_layernorm", x)
-        q = self.linear(f"{p}.self_attn.q_proj", h)
-        k = self.linear(f"{p}.self_attn.k_proj", h)
-        v = self.linear(f"{p}.self_attn.v_proj", h)
-        if f"{p}.self_attn.q_norm.weight" in self.qm.tensors:  # Qwen3: RMSNorm per head before RoPE
-            q = self.head_norm(f"{p}.self_attn.q_norm", q, spec.heads)
-            k = self.head_norm(f"{p}.self_attn.k_norm", k, spec.kv_heads)
+        g, spec, fam, p = self.g, self.spec, self.family, f"model.layers.{i}"
+        h = self.rms_norm(f"{p}.{fam.attn_norm}", x)
+        q_size, kv_size = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+        qkv = [self.linear(f"{p}.{lin.path}", h) for lin in fam.qkv]
+        q, k, v = qkv if len(qkv) == 3 else self._split(qkv[0], [q_size, kv_size, kv_size], f"{p}.{fam.qkv[0].path}")
+        if fam.qk_norms:  # RMSNorm per head before RoPE (Qwen3, Gemma 3)
+            q = self.head_norm(f"{p}.{fam.qk_norms[0]}", q, spec.heads)
+            k = self.head_norm(f"{p}.{fam.qk_norms[1]}", k, spec.kv_heads)
         if self.attention == "ops":
             attn = self.ops_attention(i, q, k, v, cos, sin, window)
         else:
@@ -209,15 +231,35 @@ class DecoderBuilder:
                         f"{p}.self_attn/GroupQueryAttention", domain=MS,
                         outputs=[f"{p}.self_attn/attn", f"present.{i}.key", f"present.{i}.value"],
                         num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1,
-                        rotary_interleaved=0, scale=float(spec.head_dim ** -0.5),
+                        rotary_interleaved=0, scale=float(fam.attention_scale(spec)),
                         local_window_size=window)[0]
-        x = g.op("Add", [x, self.linear(f"{p}.self_attn.o_proj", attn)], f"{p}/attn_residual")
-        h = self.rms_norm(f"{p}.post_attention_layernorm", x)
-        gate = self.linear(f"{p}.mlp.gate_proj", h)
-        up = self.linear(f"{p}.mlp.up_proj", h)
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp/sigmoid")], f"{p}.mlp/silu")
-        down = self.linear(f"{p}.mlp.down_proj", g.op("Mul", [act, up], f"{p}.mlp/swiglu"))
+        out = self.linear(f"{p}.{fam.o.path}", attn)
+        if fam.attn_post_norm:
+            out = self.rms_norm(f"{p}.{fam.attn_post_norm}", out)
+        x = g.op("Add", [x, out], f"{p}/attn_residual")
+        h = self.rms_norm(f"{p}.{fam.mlp_norm}", x)
+        gate_up = [self.linear(f"{p}.{lin.path}", h) for lin in fam.gate_up]
+        gate, up = gate_up if len(gate_up) == 2 else self._split(gate_up[0], [spec.ffn, spec.ffn],
+                                                                 f"{p}.{fam.gate_up[0].path}")
+        gated = g.op("Mul", [self._activation(gate, f"{p}.mlp"), up],
+                     f"{p}.mlp/swiglu" if fam.activation == "silu" else f"{p}.mlp/gated")
+        down = self.linear(f"{p}.{fam.down.path}", gated)
+        if fam.mlp_post_norm:
+            down = self.rms_norm(f"{p}.{fam.mlp_post_norm}", down)
         return g.op("Add", [x, down], f"{p}/mlp_residual")
+
+    def _split(self, x: str, sizes: list[int], name: str) -> list[str]:
+        """A fused linear's output cut along the features (q, k, v or gate, up)."""
+        return self.g.op("Split", [x, self.g.const(sizes)], f"{name}/split", axis=-1,
+                         outputs=[f"{name}/part{j}" for j in range(len(sizes))])
+
+    def _activation(self, gate: str, name: str) -> str:
+        g, act = self.g, self.family.activation
+        if act == "silu":
+            return g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}/sigmoid")], f"{name}/silu")
+        if act == "gelu_tanh":
+            return g.op("Gelu", [gate], f"{name}/gelu_tanh", approximate="tanh")
+        raise D2Error(f"activation {act!r} is not supported by the ONNX export")
 
     # ---- attention in standard ONNX ops -----------------------------------------------------
     def _total_len(self) -> str:
@@ -288,8 +330,8 @@ class DecoderBuilder:
         qg = g.op("Reshape", [qh, g.const([0, kvh, spec.heads // kvh, -1, d])], f"{n}/q_groups")
         kt = g.op("Unsqueeze", [g.op("Transpose", [keys], f"{n}/keys_t", perm=[0, 1, 3, 2]),
                                 g.const([2])], f"{n}/keys_t_per_group")
-        scores = g.op("Mul", [g.op("MatMul", [qg, kt], f"{n}/qk"), g.const(d ** -0.5, np.float32)],
-                      f"{n}/scaled_qk")
+        scores = g.op("Mul", [g.op("MatMul", [qg, kt], f"{n}/qk"),
+                              g.const(self.family.attention_scale(spec), np.float32)], f"{n}/scaled_qk")
         probs = g.op("Softmax", [g.op("Add", [scores, self._mask(window)], f"{n}/masked_qk")],
                      f"{n}/probs", axis=-1)
         ctx = g.op("MatMul", [probs, g.op("Unsqueeze", [values, g.const([2])], f"{n}/values_per_group")],
