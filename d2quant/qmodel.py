@@ -114,9 +114,11 @@ class QuantizedModel:
     def to_torch(self, dtype: torch.dtype = torch.float32):
         """A transformers model whose linear weights are exactly the dequantized codes."""
         from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
 
         cfg = self.spec.hf()
-        with torch.device("meta"):
+        # uninitialised weights (replaced below) but real buffers: rotary tables, embedding scales
+        with no_init_weights():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         state = {k: v.to(dtype) for k, v in self.tensors.items() if not k.startswith("lm_head.")}
         model.load_state_dict(state, strict=False, assign=True)
@@ -129,8 +131,8 @@ class QuantizedModel:
                 set_linear(model, "lm_head", w, self.tensors.get("lm_head.bias"))
             elif self.spec.tie_embeddings:
                 model.lm_head.weight = model.model.embed_tokens.weight
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # off the meta device
-        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        missing = sorted(set(dict(model.named_parameters())) - {f"{n}.weight" for n in self.linears}
+                         - {f"{n}.bias" for n in self.linears} - set(self.tensors) - {"lm_head.weight"})
         if missing:
             raise D2Error(f"quantized model lacks tensors {missing[:3]}...; the checkpoint is incomplete")
         return model.eval()
@@ -230,5 +232,5 @@ def set_linear(model: torch.nn.Module, name: str, weight: torch.Tensor,
     old.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
     if bias is not None:
         old.bias = torch.nn.Parameter(bias.to(weight.dtype).contiguous(), requires_grad=False)
-    elif getattr(old, "bias", None) is not None and old.bias.is_meta:
+    elif getattr(old, "bias", None) is not None:  # a bias the model has but the quantized one lacks
         old.bias = torch.nn.Parameter(torch.zeros(n, dtype=weight.dtype), requires_grad=False)

@@ -248,8 +248,9 @@ def verify_gguf(path: str | Path, reference: QuantizedModel, *, text: str | None
         cpp = [dec.logits(w) for w in windows]
         ref_model = held.to_torch()
         ref = _torch_logits(ref_model, windows)
-        kv = tuple(lin.path for lin in reference.spec.family.qkv)
-        with emulate_llamacpp(ref_model, weight_types(plan_gguf(held), ref_model), kv):
+        fam = reference.spec.family
+        gelu = (fam.activation_module,) if fam.activation == "gelu_tanh" else ()
+        with emulate_llamacpp(ref_model, weight_types(plan_gguf(held), ref_model), gelu):
             emulated = _torch_logits(ref_model, windows)
             with nudge_embeddings(ref_model):
                 nudged = _torch_logits(ref_model, windows)

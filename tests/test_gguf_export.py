@@ -74,13 +74,19 @@ def preset_model(arch: str, preset: str, tokenizer, *, dac: bool = True, lm_bias
     if dac:
         for i in range(spec.layers):
             shift = 0.1 * torch.randn(HIDDEN, generator=gen)
-            for proj in ("gate_proj", "up_proj"):
-                ql = linears[f"model.layers.{i}.mlp.{proj}"]
+            for lin in spec.family.gate_up:
+                ql = linears[f"model.layers.{i}.{lin.path}"]
                 ql.bias = ql.weight() @ shift
     if lm_bias:
         sd["lm_head.bias"] = 0.5 * torch.randn(VOCAB, generator=gen)
     return QuantizedModel(spec=spec, linears=linears, tensors=sd, recipe={"method": "rtn", "type": preset},
-                          source={"kind": "hf", "path": f"tiny-{arch}"}, tokenizer=tokenizer)
+                          source={"kind": "hf", "path": _model_name(arch)}, tokenizer=tokenizer)
+
+
+def _model_name(arch: str) -> str:
+    # llama.cpp applies the real Phi-3 vocabulary's rules (its <s>, </s>, <unk>) to any model whose
+    # name says phi3; the tiny tokenizer has none of those tokens
+    return "tiny-fused-qkv" if arch == "phi3" else f"tiny-{arch}"
 
 
 def cached_model(arch: str, preset: str, *, dac: bool = True, lm_bias: bool = False,

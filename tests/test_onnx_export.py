@@ -99,6 +99,8 @@ def _assert_passed(r: dict):
     ("qwen2", 3, "lut"),     # q/k/v biases
     ("qwen3", 2, "lut"),     # per-head q/k RMSNorm
     ("mistral", 3, "planes"),  # sliding window shorter than the windows
+    ("gemma3", 2, "planes"),  # (1 + w) norms on both branches, GELU-tanh, sliding and global RoPE
+    ("phi3", 3, "lut"),  # fused qkv and gate_up
 ])
 def test_decoder_parity(tmp_path, arch, rbin_bits, layout):
     qm = tiny_quantized_model(arch, bits=4, group=16, rbin_down_bits=rbin_bits)
@@ -116,13 +118,13 @@ def test_decoder_parity(tmp_path, arch, rbin_bits, layout):
     assert ops.count("GroupQueryAttention") == qm.spec.layers
     meta = read_metadata(model)
     biased = [n for n, m in meta["linears"].items() if m["bias"]]
-    assert "lm_head" in biased and all(f"model.layers.{i}.mlp.{p}_proj" in biased
-                                       for i in range(qm.spec.layers) for p in ("gate", "up"))
+    assert "lm_head" in biased and all(f"model.layers.{i}.{lin.path}" in biased
+                                       for i in range(qm.spec.layers) for lin in qm.spec.family.gate_up)
     if arch == "qwen2":
         assert "model.layers.0.self_attn.k_proj" in biased
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])  # plain, q/k norm, sliding window
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3", "phi3"])
 def test_standard_ops_attention_matches_gqa(tmp_path, arch):
     qm = tiny_quantized_model(arch, bits=4, group=16, rbin_down_bits=3)
     ops_dir = write_onnx(qm, tmp_path / "ops", attention="ops")

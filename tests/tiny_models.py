@@ -10,6 +10,7 @@ import torch
 from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config,
                           Qwen2Config, Qwen3Config)
 
+from d2quant.families import family_of_hf
 from d2quant.grids import ResidualBinaryGrid, UniformGrid, strip_col_scale
 from d2quant.qmodel import ModelSpec, QuantizedLinear, QuantizedModel
 
@@ -47,6 +48,7 @@ def rtn_quantized_model(model, *, bits: int = 4, group: int = 16, rbin_down_bits
     quantize_embed: the embedding table on the uniform grid too.
     """
     cfg = model.config
+    fam = family_of_hf(cfg.architectures, cfg.model_type)
     gen = torch.Generator().manual_seed(seed + 1)
     linears: dict[str, QuantizedLinear] = {}
     for name, mod in model.named_modules():
@@ -61,18 +63,21 @@ def rtn_quantized_model(model, *, bits: int = 4, group: int = 16, rbin_down_bits
         codes, params = grid.quantize_matrix(model.model.embed_tokens.weight.detach().float())
         linears["model.embed_tokens"] = QuantizedLinear(grid, codes, params)
     if rbin_down_bits:
-        for name in [n for n in linears if n.endswith("down_proj")]:
+        for name in [n for n in linears if n.endswith(fam.down.path)]:
             down = linears[name]
             grid, params, col_scale = strip_col_scale(down.grid, down.params, down.shape[1])
             linears[name] = QuantizedLinear(grid, down.codes, params, down.bias)
-            up = linears[name.replace("down_proj", "up_proj")]
-            up.params = up.grid.scale_rows(up.params, col_scale)
+            up_path, rows = fam.up_rows(down.shape[1])
+            up = linears[name.removesuffix(fam.down.path) + up_path]
+            scale = torch.ones(up.shape[0])
+            scale[rows] = col_scale
+            up.params = up.grid.scale_rows(up.params, scale)
     tensors = {k: v.detach().float().clone() for k, v in model.state_dict().items()
                if not any(k in (f"{n}.weight", f"{n}.bias") for n in linears)
                and not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
     if fake_dac:
         for name, ql in linears.items():
-            if name.endswith(("gate_proj", "up_proj")):
+            if name.endswith(tuple(lin.path for lin in fam.gate_up)):
                 ql.bias = 0.1 * torch.randn(ql.shape[0], generator=gen)
         tensors["lm_head.bias"] = 0.1 * torch.randn(cfg.vocab_size, generator=gen)
     return QuantizedModel(spec=ModelSpec.from_hf_config(cfg), linears=linears, tensors=tensors,

@@ -66,6 +66,7 @@ class Family:
     qk_norms: ClassVar[tuple[str, str] | None] = None  # per-head RMSNorms of q and k before RoPE
     norm_offset: ClassVar[float] = 0.0  # the norm computes x / rms(x) * (norm_offset + w)
     activation: ClassVar[str] = "silu"  # of the gate: silu | gelu_tanh
+    activation_module: ClassVar[str] = "mlp.act_fn"  # the module that applies it
     rotation: ClassVar[bool] = True  # plain RMSNorms (offset 0) whose outputs feed only linears
 
     def __init_subclass__(cls, **kw):

@@ -12,6 +12,7 @@ class Phi3(Family):
     gguf_archs = ("phi3",)
     qkv = (Linear("self_attn.qkv_proj", "attn_qkv"),)
     gate_up = (Linear("mlp.gate_up_proj", "ffn_up"),)
+    activation_module = "mlp.activation_fn"
 
     @classmethod
     def up_rows(cls, ffn):
