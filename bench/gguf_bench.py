@@ -43,7 +43,7 @@ import torch
 import protocol  # bench/ is on sys.path when run as a script
 from resultlog import append_row, read_rows
 from converters.gguf import PRESETS as ALL_PRESETS
-from converters.gguf import file_bits_per_weight, preset_grids, write_gguf
+from converters.gguf import GGUFTarget, file_bits_per_weight, write_gguf
 from d2quant.data import read_text, wikitext_dir
 from d2quant.errors import D2Error
 from d2quant.padding import param_count
@@ -119,10 +119,8 @@ def make_model(base: Source, model: str, preset: str, method: str, s: Settings) 
     tokens = _calib_tokens(model, src, s)
     if method == "llamacpp-imatrix":
         return quantize_with_libggml(src, preset, collect_importance(src, tokens))
-    # what `d2export gguf` runs: the preset's grids, DSQ in its dual-scale (GGUF-exact) form
-    name, levers = method_config(method)
-    cfg = QuantConfig(method=name, dsq_form="dual", device=s.device,
-                      grids=preset_grids(preset, src.spec), **levers)
+    name, levers = method_config(method)  # what `d2export gguf` runs, through the same target
+    cfg = GGUFTarget(preset).quant_config(QuantConfig(method=name, device=s.device, **levers), src.spec)
     return quantize(src, tokens, cfg)
 
 

@@ -1,11 +1,19 @@
-"""The calibration step every export command shares: options -> progress bars -> QuantizedModel."""
+"""The calibration step every export command shares: options -> progress bars -> QuantizedModel.
+
+The calibration options are declared once (``CALIBRATION_OPTIONS``); ``@calibration_options`` adds
+them to a command's signature and hands the command one :class:`Calibration`, built and validated
+once (QuantConfig and CalibConfig check their own fields).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
+import typing
 from dataclasses import dataclass
-from typing import Annotated, Callable
+from functools import wraps
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,39 +28,63 @@ from d2quant.sources import load_source
 # logs and CI (no terminal) get a table wide enough for the per-layer summary
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
-# Options shared by `quantize`, `gguf` and `onnx` (typer reads them from the signatures).
 ModelArg = Annotated[str | None, typer.Argument(
-    help="HF model dir, .gguf file, alias 'smollm2-135m' (default) or a d2export checkpoint")]
-Method = Annotated[str, typer.Option(help="rtn | gptq | d2quant")]
-Calib = Annotated[str, typer.Option(help="text file, folder of .txt, 'self' (model-generated) or hf:NAME[:CFG[:SPLIT]]")]
-NSamples = Annotated[int, typer.Option(help="calibration sequences")]
-SeqLen = Annotated[int, typer.Option(help="tokens per calibration sequence")]
-Seed = Annotated[int, typer.Option(help="seed for sampling calibration windows / self-generated text")]
-Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
-Dsq = Annotated[bool, typer.Option("--dsq/--no-dsq", help="dual-scale quantizer on down_proj (d2quant)")]
-DsqForm = Annotated[str, typer.Option(help="rbin (paper's residual-binary levels) | dual (column scale on the grid)")]
-Dac = Annotated[bool, typer.Option("--dac/--no-dac", help="deviation-aware norm bias correction (d2quant)")]
-Rotate = Annotated[bool, typer.Option("--rotate/--no-rotate", help="block-Hadamard rotation of the residual stream")]
-Damp = Annotated[float, typer.Option(help="GPTQ damping as a fraction of mean(diag H)")]
-ActOrder = Annotated[bool, typer.Option("--act-order/--no-act-order",
-                                        help="GPTQ visits columns by decreasing input energy (static groups)")]
+    help="HF model dir, .gguf file, alias (smollm2-135m: the default, gemma3-270m, "
+         "qwen2.5-coder-1.5b) or a d2export checkpoint")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing output")]
 
+_Q, _C = QuantConfig(), CalibConfig()  # the defaults live in the configs themselves
+# name -> (typer option, default, which config it belongs to)
+CALIBRATION_OPTIONS = {
+    "method": (typer.Option(help="rtn | gptq | d2quant"), _Q.method, "quant"),
+    "calib": (typer.Option(help="text file, folder of .txt, 'self' (model-generated) or "
+                                "hf:NAME[:CFG[:SPLIT]]"), _C.calib, "data"),
+    "nsamples": (typer.Option(help="calibration sequences"), _C.nsamples, "data"),
+    "seqlen": (typer.Option(help="tokens per calibration sequence"), _C.seqlen, "data"),
+    "seed": (typer.Option(help="seed for sampling calibration windows / self-generated text"), _C.seed, "data"),
+    "device": (typer.Option(help="auto | cpu | cuda"), _Q.device, "quant"),
+    "dsq": (typer.Option("--dsq/--no-dsq", help="dual-scale quantizer on down_proj (d2quant)"), _Q.dsq, "quant"),
+    "dsq_form": (typer.Option(help="rbin (paper's residual-binary levels) | dual (column scale on the grid)"),
+                 _Q.dsq_form, "quant"),
+    "dac": (typer.Option("--dac/--no-dac", help="deviation-aware norm bias correction (d2quant)"), _Q.dac, "quant"),
+    "rotate": (typer.Option("--rotate/--no-rotate", help="block-Hadamard rotation of the residual stream"),
+               _Q.rotate, "quant"),
+    "damp": (typer.Option(help="GPTQ damping as a fraction of mean(diag H)"), _Q.damp, "quant"),
+    "shrink": (typer.Option(help="GPTQ on (1 - s) H + s diag(H): 0 full Hessian, 1 its diagonal (as an imatrix)"),
+               _Q.shrink, "quant"),
+    "act_order": (typer.Option("--act-order/--no-act-order",
+                               help="GPTQ visits columns by decreasing input energy (static groups)"),
+                  _Q.act_order, "quant"),
+}
 
-@dataclass
-class CalibOptions:
-    method: str
-    calib: str
-    nsamples: int
-    seqlen: int
-    seed: int
-    device: str
-    dsq: bool
-    dsq_form: str
-    dac: bool
-    rotate: bool
-    damp: float
-    act_order: bool
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration a command was asked for: the method's config and the data's."""
+
+    quant: QuantConfig
+    data: CalibConfig
+
+
+def calibration_options(fn):
+    """Give a typer command the shared calibration options; it receives ``calibration``."""
+    sig, hints = inspect.signature(fn), typing.get_type_hints(fn, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
+           if p.name != "calibration"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                               annotation=Annotated[type(default), option])
+             for name, (option, default, _) in CALIBRATION_OPTIONS.items()]
+
+    @wraps(fn)
+    def run(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name in CALIBRATION_OPTIONS}
+        by = lambda which: {n: v for n, v in values.items() if CALIBRATION_OPTIONS[n][2] == which}  # noqa: E731
+        return fn(*args, calibration=Calibration(QuantConfig(**by("quant")), CalibConfig(**by("data"))),
+                  **kwargs)
+
+    run.__signature__ = sig.replace(parameters=[*own, *extra], return_annotation=inspect.Signature.empty)
+    run.__annotations__ = {p.name: p.annotation for p in [*own, *extra]}
+    return run
 
 
 def _progress() -> Progress:
@@ -60,45 +92,45 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
-GridPolicy = Callable[[ModelSpec], dict[str, dict | None]]
-
-
-def calibrate(model: str | None, opts: CalibOptions, bits: int, group_size: int,
-              grids: GridPolicy | None = None) -> QuantizedModel:
+def calibrate(model: str | None, calibration: Calibration, shape=None) -> QuantizedModel:
     """Load the source, make calibration tokens, run the pipeline with progress, print a summary.
 
-    grids: per-tensor grid specs made from the model's spec (a GGUF preset), else uniform grids.
+    shape: (QuantConfig, ModelSpec) -> QuantConfig, the target's say once the model's spec is known
+    (a GGUF preset's grids), or None.
     """
-    qcfg = QuantConfig(method=opts.method, bits=bits, group_size=group_size, dsq=opts.dsq,
-                       dsq_form=opts.dsq_form, dac=opts.dac, rotate=opts.rotate, damp=opts.damp,
-                       act_order=opts.act_order, device=opts.device)
-    ccfg = CalibConfig(calib=opts.calib, nsamples=opts.nsamples, seqlen=opts.seqlen, seed=opts.seed)
+    ccfg = calibration.data
     with console.status("loading model"):
         src = load_source(model)
-    if grids:  # rotation unties a tied lm_head, so the policy must see the untied model
-        qcfg.grids = grids(dataclasses.replace(src.spec, tie_embeddings=False) if qcfg.rotate else src.spec)
+    qcfg = shape(calibration.quant, src.spec) if shape else calibration.quant
     tokens = None
     if qcfg.method != "rtn":
         with console.status(f"calibration data ({ccfg.calib}: {ccfg.nsamples} x {ccfg.seqlen} tokens)"):
             tokens = calibration_tokens(ccfg, src.model, src.tokenizer, qcfg.torch_device())
     with _progress() as prog:
-        task = prog.add_task(f"{qcfg.method} W{bits} g{group_size}", total=src.spec.layers)
+        label = f"{qcfg.method} W{qcfg.bits} g{qcfg.group_size}" if not qcfg.grids else f"{qcfg.method} (preset grids)"
+        task = prog.add_task(label, total=src.spec.layers)
+
         def on_layer(i: int, stats: dict) -> None:
             prog.advance(task)
             if not console.is_terminal:  # logs and CI get one line per layer instead of a live bar
                 console.print(f"layer {i + 1}/{src.spec.layers} {stats['seconds']:.1f} s", highlight=False)
         qm = quantize(src, tokens, qcfg, on_layer=on_layer)
-    qm.recipe["calibration"] = {"calib": ccfg.calib, "nsamples": ccfg.nsamples,
-                                "seqlen": ccfg.seqlen, "seed": ccfg.seed}
+    qm.recipe["calibration"] = dataclasses.asdict(ccfg)
     print_summary(qm)
     return qm
 
 
-def load_or_calibrate(model: str | None, opts: CalibOptions, bits: int, group_size: int,
-                      grids: GridPolicy | None = None) -> QuantizedModel:
+def load_or_calibrate(model: str | None, calibration: Calibration, shape=None) -> QuantizedModel:
     if model and is_checkpoint(model):
         return QuantizedModel.load(model)
-    return calibrate(model, opts, bits, group_size, grids)
+    return calibrate(model, calibration, shape)
+
+
+def with_grid(bits: int, group_size: int):
+    """A ``shape`` for calibrate(): uniform grids of ``bits`` and ``group_size`` (checked once)."""
+    def shape(cfg: QuantConfig, spec: ModelSpec) -> QuantConfig:
+        return dataclasses.replace(cfg, bits=bits, group_size=group_size)
+    return shape
 
 
 def print_summary(qm: QuantizedModel) -> None:

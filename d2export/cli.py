@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -12,9 +13,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from d2export.calibrate import (ActOrder, Calib, CalibOptions, Dac, Damp, Device, Dsq, DsqForm,
-                                Force, Method, ModelArg, NSamples, Rotate, SeqLen, Seed, calibrate,
-                                console, load_or_calibrate)
+from d2export.calibrate import (Calibration, Force, ModelArg, calibrate, calibration_options, console,
+                                load_or_calibrate, with_grid)
 from converters.gguf.presets import DEFAULT_PRESET, PRESETS
 from d2quant.data import wikitext_dir
 from d2quant.errors import D2Error
@@ -45,28 +45,20 @@ SaveCheckpoint = Annotated[Path | None, typer.Option(
     help="also keep the calibrated checkpoint here, so `d2export verify` and other exports can reuse it")]
 
 
-def _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp,
-          act_order) -> CalibOptions:
-    return CalibOptions(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp,
-                        act_order)
-
-
 @app.command()
 @_friendly
+@calibration_options
 def quantize(
     model: ModelArg = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint directory to write")] = Path("d2quant-ckpt"),
     bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8")] = 3,
     group_size: Annotated[int, typer.Option(help="weights per quantization group along the input")] = 64,
-    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
-    seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dsq_form: DsqForm = "rbin",
-    dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, act_order: ActOrder = True,
-    force: Force = False,
+    force: Force = False, *, calibration: Calibration,
 ):
     """Calibrate MODEL and save a quantized checkpoint (codes + grid params + folded biases)."""
     check_output(output, force)
-    qm = calibrate(model, _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac,
-                                rotate, damp, act_order), bits, group_size)
+    dataclasses.replace(calibration.quant, bits=bits, group_size=group_size)  # refuse bad values now
+    qm = calibrate(model, calibration, with_grid(bits, group_size))
     qm.save(output, force=force)
     console.print(f"saved checkpoint to [bold]{output}[/]")
 
@@ -123,39 +115,30 @@ def eval_(
 
 @app.command()
 @_friendly
+@calibration_options
 def gguf(
     model: ModelArg = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="GGUF file to write")] = None,
     type_: Annotated[str | None, typer.Option("--type", help="GGUF preset: " + " | ".join(PRESETS)
                                                + f" (default {DEFAULT_PRESET}; a checkpoint keeps its own)")] = None,
-    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
-    seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dac: Dac = True,
-    rotate: Rotate = False, damp: Damp = 0.01, act_order: ActOrder = True, force: Force = False,
+    force: Force = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run llama.cpp parity after writing")] = True,
-    save_checkpoint: SaveCheckpoint = None,
+    save_checkpoint: SaveCheckpoint = None, *, calibration: Calibration,
 ):
     """Calibrate MODEL onto llama.cpp's native block types of a preset and write a GGUF."""
-    from converters.gguf import preset_grids, write_gguf
+    from converters.gguf import GGUFTarget, write_gguf
 
-    if type_ is not None and type_ not in PRESETS:
-        raise D2Error(f"unknown --type {type_!r}; choose one of {', '.join(PRESETS)}")
     from_checkpoint = bool(model and is_checkpoint(model))
-    preset = type_ or (None if from_checkpoint else DEFAULT_PRESET)
-    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{preset or 'ckpt'}.gguf")
+    target = GGUFTarget(type_ or (None if from_checkpoint else DEFAULT_PRESET))
+    method = calibration.quant.method
+    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{target.preset or 'ckpt'}.gguf")
     check_output(output, force)
     _check_checkpoint_dir(save_checkpoint, force)
-    opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, "dual", dac, rotate, damp, act_order)
-
-    def policy(spec):
-        if spec.arch == "qwen3" and opts.method == "d2quant" and opts.dac:
-            raise D2Error("llama.cpp's qwen3 architecture cannot hold DAC's ffn biases; "
-                          "pass --no-dac to export Qwen3 to GGUF")
-        return preset_grids(preset, spec)
-    qm = load_or_calibrate(model, opts, 4, 32, policy)  # the preset names every tensor's grid
+    qm = load_or_calibrate(model, calibration, target.quant_config)  # the preset names every grid
     _save_checkpoint(qm, save_checkpoint, force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        write_gguf(qm, output, force=force, preset=preset)
+        write_gguf(qm, output, force=force, preset=target.preset)
     for w in caught:
         console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     console.print(f"wrote [bold]{output}[/] ({output.stat().st_size / 2**20:.1f} MiB)")
@@ -165,14 +148,12 @@ def gguf(
 
 @app.command()
 @_friendly
+@calibration_options
 def onnx(
     model: ModelArg = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="ONNX folder to write")] = None,
     bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8 (3-bit codes sit exactly in the 4-bit container)")] = 4,
-    block_size: Annotated[int, typer.Option(help="16 | 32 | 64 | 128: MatMulNBits block = quantization group")] = 64,
-    method: Method = "d2quant", calib: Calib = "self", nsamples: NSamples = 32, seqlen: SeqLen = 512,
-    seed: Seed = 0, device: Device = "auto", dsq: Dsq = True, dsq_form: DsqForm = "rbin",
-    dac: Dac = True, rotate: Rotate = False, damp: Damp = 0.01, act_order: ActOrder = True,
+    block_size: Annotated[int, typer.Option(help="16 | 32 | 64 | 128 | 256: MatMulNBits block = quantization group")] = 64,
     force: Force = False,
     dsq_layout: Annotated[str, typer.Option(help="how DSQ's residual-binary down_proj is carried: planes | lut")] = "planes",
     accuracy_level: Annotated[int, typer.Option(help="MatMulNBits accuracy_level: 0 exact float, 4 int8 activations")] = 0,
@@ -180,37 +161,25 @@ def onnx(
                                             "or RTN-quantized at 4/8 bits (GatherBlockQuantized)")] = "float",
     attention: Annotated[str, typer.Option(help="gqa: contrib GroupQueryAttention (faster) | ops: standard ONNX ops")] = "gqa",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run onnxruntime parity after writing")] = True,
-    save_checkpoint: SaveCheckpoint = None,
+    save_checkpoint: SaveCheckpoint = None, *, calibration: Calibration,
 ):
     """Calibrate MODEL and write a MatMulNBits decoder with KV cache for stock onnxruntime."""
-    from converters.onnx import ATTENTION_MODES, DSQ_LAYOUTS, write_onnx
+    from converters.onnx import ONNXOptions, check_grid, write_onnx
     from d2quant.pipeline import quantize_embeddings
 
-    if bits not in (2, 3, 4, 8):
-        raise D2Error(f"--bits {bits} cannot run in onnxruntime; possible: 2, 3 (in the 4-bit container), 4, 8")
-    if block_size not in (16, 32, 64, 128):
-        raise D2Error(f"--block-size {block_size} cannot run in MatMulNBits here; possible: 16, 32, 64, 128")
-    if dsq_layout not in DSQ_LAYOUTS:
-        raise D2Error(f"--dsq-layout must be one of {', '.join(DSQ_LAYOUTS)}, got {dsq_layout!r}")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise D2Error(f"--accuracy-level must be 0..4 (0 exact float, 4 int8 activations), got {accuracy_level}")
-    if attention not in ATTENTION_MODES:
-        raise D2Error(f"--attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    check_grid(bits, block_size)
     if embed not in EMBED_BITS:
-        raise D2Error(f"--embed must be one of {', '.join(EMBED_BITS)}, got {embed!r}")
-    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-w{bits}g{block_size}-onnx")
+        raise D2Error(f"unknown --embed {embed!r}; choose one of {', '.join(EMBED_BITS)}")
+    options = ONNXOptions(dsq_layout, accuracy_level, "float" if embed == "float" else "quantized", attention)
+    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{calibration.quant.method}-w{bits}g{block_size}-onnx")
     check_output(output, force)
     _check_checkpoint_dir(save_checkpoint, force)
-    opts = _opts(method, calib, nsamples, seqlen, seed, device, dsq, dsq_form, dac, rotate, damp,
-                 act_order)
-    qm = load_or_calibrate(model, opts, bits, block_size)
+    qm = load_or_calibrate(model, calibration, with_grid(bits, block_size))
     _save_checkpoint(qm, save_checkpoint, force)
     if EMBED_BITS[embed]:
         qm = quantize_embeddings(qm, EMBED_BITS[embed], block_size)
     with console.status("writing ONNX"):
-        write_onnx(qm, output, embed="float" if embed == "float" else "quantized",
-                   dsq_layout=dsq_layout, accuracy_level=accuracy_level, attention=attention,
-                   force=force)
+        write_onnx(qm, output, force=force, **dataclasses.asdict(options))
     size = sum(f.stat().st_size for f in output.iterdir() if f.is_file())
     console.print(f"wrote [bold]{output}[/] ({size / 2**20:.1f} MiB)")
     if verify:

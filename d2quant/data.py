@@ -21,7 +21,7 @@ def wikitext_dir() -> Path:
 @dataclass
 class CalibConfig:
     calib: str = "self"  # path | "self" | "hf:NAME[:CONFIG[:SPLIT]]"
-    nsamples: int = 128
+    nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
 

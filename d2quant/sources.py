@@ -7,7 +7,6 @@ suffix (``smollm2-135m-pad768``) gives that model zero-padded to hidden size N (
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-import torch
-
+from runtime_tests.parity import torch_greedy
 from runtime_tests.targets import target_kind
 
 
@@ -26,17 +25,6 @@ def _detokenize(tokenizer, ids: Iterable[int]) -> Iterator[str]:
         if not new.endswith("\ufffd"):
             yield new[len(text):]
             text = new
-
-
-@torch.no_grad()
-def _torch_greedy(model, ids: list[int], n: int, eos: int | None) -> Iterator[int]:
-    out = model(input_ids=torch.tensor([ids]), use_cache=True)
-    for _ in range(n):
-        tok = int(out.logits[0, -1].argmax())
-        yield tok
-        if tok == eos:
-            return
-        out = model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
 
 
 def stream(target: str | None, prompt: str, max_new_tokens: int, chat: bool = True) -> Iterator[str]:
@@ -71,5 +59,5 @@ def stream(target: str | None, prompt: str, max_new_tokens: int, chat: bool = Tr
 
         src = load_source(target)
         model, tok = src.model, src.tokenizer
-    yield from _detokenize(tok, _torch_greedy(model, _prompt_ids(tok, prompt, chat), max_new_tokens,
-                                              tok.eos_token_id))
+    yield from _detokenize(tok, (t for t, _ in torch_greedy(model, _prompt_ids(tok, prompt, chat),
+                                                             max_new_tokens, tok.eos_token_id)))

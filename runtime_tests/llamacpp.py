@@ -35,6 +35,7 @@ from d2quant.qmodel import QuantizedModel
 from runtime_tests.ggml_activations import emulate_llamacpp, nudge_embeddings
 from runtime_tests.isolation import Worker
 from runtime_tests.llamacpp_build import NATIVE, RUNTIME
+from runtime_tests.parity import TOP1_MARGIN, compare_logits, parity_windows, torch_logits
 
 # ---- logit thresholds -------------------------------------------------------------------------
 # llama.cpp never matches float arithmetic: its CPU matmuls round the activation operand to 8 bits
@@ -61,11 +62,9 @@ from runtime_tests.llamacpp_build import NATIVE, RUNTIME
 KL_FACTOR = 2.0  # llama.cpp's mean KL from float <= KL_FACTOR x the rounding's own + KL_SLACK
 KL_SLACK = 1e-3
 PPL_SLACK = 0.02  # |ln(ppl ratio)| <= PPL_SLACK + KL_FACTOR x |ln(the rounding's ppl ratio)|
-# Top-1 agreement over all positions counts flips between near-tied logits (on flat, random-weight
-# models about 5% of them), so the gate looks only at decisive positions: where the reference's
-# best logit leads the runner-up by TOP1_MARGIN nats, a flip is a real disagreement; allowed as
-# often as the rounding alone flips them, plus one percent.
-TOP1_MARGIN = 1.0
+# Top-1 agreement over all positions counts flips between near-tied logits, so the gate looks only
+# at decisive positions (parity.TOP1_MARGIN): there a flip is a real disagreement; allowed as often
+# as the rounding alone flips them, plus one percent.
 TOP1_SLACK = 0.01
 # Max |logit difference| is reported, not gated: it is set by the rare extreme token.
 TOKENIZER_CHARS = 2000  # of the parity text, tokenized by the file and by the model's tokenizer
@@ -162,40 +161,6 @@ def verify_weights(path: str | Path, qm: QuantizedModel) -> dict:
 
 # ---- logits -----------------------------------------------------------------------------------
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def compare_logits(ref: list[np.ndarray], test: list[np.ndarray], windows: list[list[int]]) -> dict:
-    """KL(ref || test) per token, top-1 agreement, max |diff| and next-token perplexities."""
-    kl, top1, decisive, maxdiff, nll_ref, nll_test = [], [], [], 0.0, [], []
-    for r, t, ids in zip(ref, test, windows):
-        lr, lt = _log_softmax(r), _log_softmax(t)
-        kl.append((np.exp(lr) * (lr - lt)).sum(-1))
-        top1.append(r.argmax(-1) == t.argmax(-1))
-        top2 = np.sort(r, -1)[:, -2:]
-        decisive.append(top2[:, 1] - top2[:, 0] >= TOP1_MARGIN)
-        maxdiff = max(maxdiff, float(np.abs(r - t).max()))
-        nxt = np.asarray(ids[1:])
-        nll_ref.append(-lr[np.arange(len(nxt)), nxt])
-        nll_test.append(-lt[np.arange(len(nxt)), nxt])
-    ppl_ref = math.exp(float(np.concatenate(nll_ref).mean()))
-    ppl_test = math.exp(float(np.concatenate(nll_test).mean()))
-    top1, decisive = np.concatenate(top1), np.concatenate(decisive)
-    return {"mean_kl": float(np.concatenate(kl).mean()), "max_kl": float(np.concatenate(kl).max()),
-            "top1_agreement": float(top1.mean()),
-            "top1_decisive": float(top1[decisive].mean()) if decisive.any() else None,
-            "n_decisive": int(decisive.sum()), "n_tokens": int(top1.size), "max_abs_diff": maxdiff,
-            "ppl_reference": ppl_ref, "ppl_test": ppl_test, "ppl_ratio": ppl_test / ppl_ref}
-
-
-def _torch_logits(model, windows: list[list[int]]) -> list[np.ndarray]:
-    with torch.inference_mode():
-        return [model(torch.tensor([w]), use_cache=False).logits[0].float().numpy() for w in windows]
-
-
 def weight_types(plan: GGUFPlan, model: torch.nn.Module) -> dict[str, str]:
     """Module name -> GGML type of its weight in the file, for every matmul llama.cpp runs."""
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -207,17 +172,6 @@ def weight_types(plan: GGUFPlan, model: torch.nn.Module) -> dict[str, str]:
     if "lm_head" not in out:  # no output.weight: llama.cpp multiplies by token_embd
         out["lm_head"] = plan.types["token_embd.weight"]
     return out
-
-
-def _windows(dec: LlamaCppDecoder, text: str | None, n_windows: int, seq_len: int, vocab: int,
-             seed: int) -> list[list[int]]:
-    if text:
-        ids = dec.tokenize(text)
-        wins = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:n_windows]
-        if wins:
-            return wins
-    rng = np.random.default_rng(seed)  # no text: random tokens still exercise every weight
-    return [rng.integers(0, vocab, seq_len).tolist() for _ in range(n_windows)]
 
 
 def _within_rounding_noise(cpp: dict, rounding: dict) -> bool:
@@ -244,16 +198,17 @@ def verify_gguf(path: str | Path, reference: QuantizedModel, *, text: str | None
                                                    if k not in dropped})
     dec = LlamaCppDecoder(path, n_ctx=max(seq_len, 64), n_threads=n_threads)
     try:
-        windows = _windows(dec, text, n_windows, seq_len, reference.spec.vocab, seed)
+        windows = parity_windows(dec.tokenize(text) if text else None, n_windows, seq_len,
+                                 reference.spec.vocab, seed)
         cpp = [dec.logits(w) for w in windows]
         ref_model = held.to_torch()
-        ref = _torch_logits(ref_model, windows)
+        ref = torch_logits(ref_model, windows)
         fam = reference.spec.family
         gelu = (fam.activation_module,) if fam.activation == "gelu_tanh" else ()
         with emulate_llamacpp(ref_model, weight_types(plan_gguf(held), ref_model), gelu):
-            emulated = _torch_logits(ref_model, windows)
+            emulated = torch_logits(ref_model, windows)
             with nudge_embeddings(ref_model):
-                nudged = _torch_logits(ref_model, windows)
+                nudged = torch_logits(ref_model, windows)
         logits = compare_logits(ref, cpp, windows)
         rounding = compare_logits(ref, emulated, windows)
         tokenizer = None
@@ -277,7 +232,7 @@ def verify_gguf(path: str | Path, reference: QuantizedModel, *, text: str | None
               "thresholds": {"kl_factor": KL_FACTOR, "kl_slack": KL_SLACK, "ppl_slack": PPL_SLACK,
                              "top1_margin": TOP1_MARGIN, "top1_slack": TOP1_SLACK}}
     if dropped:
-        full = _torch_logits(reference.to_torch(), windows)
+        full = torch_logits(reference.to_torch(), windows)
         result["dropped_cost"] = compare_logits(full, ref, windows)
     result["pass"] = (weights["pass"] and logits["pass"] and vs_emulated["pass"]
                       and (tokenizer is None or tokenizer["pass"]))

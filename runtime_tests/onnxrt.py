@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import numpy_helper
 
 from converters.onnx import MODEL_FILE, decode_weight, read_metadata
@@ -25,6 +24,7 @@ from d2quant.pipeline import quantize_embeddings
 from d2quant.qmodel import QuantizedModel
 from runtime_tests.isolation import Runtime, Worker
 from runtime_tests.native.ort_session import REINSTALL
+from runtime_tests.parity import compare_logits, parity_windows, torch_greedy, torch_logits
 
 DEFAULT_PROMPTS = ("The capital of France is", "Once upon a time, there was a",
                    "def fibonacci(n):")
@@ -186,62 +186,9 @@ def check_weights(model_dir: str | Path, qm: QuantizedModel) -> dict:
             "pass": not mismatched and not missing}
 
 
-def _torch_logits(model, ids) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([list(ids)]), use_cache=False).logits[0].float().numpy()
-
-
-def _torch_greedy(model, prompt_ids, n: int, eos_id: int | None) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy tokens and the logits row each was chosen from."""
-    ids, out, rows = list(prompt_ids), [], []
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(n):
-            row = res.logits[0, -1].float().numpy()
-            token = int(row.argmax())
-            out.append(token)
-            rows.append(row)
-            if token == eos_id:
-                break
-            res = model(torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
-    return out, rows
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def compare_logits(ref: np.ndarray, got: np.ndarray, tie: float) -> dict:
-    """max abs diff (absolute and relative to the reference's range), mean KL(ref || got), top-1;
-    top-1 flips where torch's two best logits are closer than ``tie`` are counted apart."""
-    lp, lq = _log_softmax(ref), _log_softmax(got)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    disagree = ref.argmax(-1) != got.argmax(-1)
-    top2 = np.sort(ref, -1)[:, -2:]
-    near_tie = (top2[:, 1] - top2[:, 0]) < tie
-    max_abs = float(np.abs(ref - got).max())
-    return {"max_abs_diff": max_abs, "rel_max_abs_diff": max_abs / max(1.0, float(np.abs(ref).max())),
-            "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-            "top1_agreement": float(1 - disagree.mean()),
-            "top1_flips_not_near_tie": int((disagree & ~near_tie).sum())}
-
-
-def _merge(stats: list[dict]) -> dict:
-    """Worst case over windows, except the means (KL, top-1 agreement) which are averaged."""
-    mean_keys = {"mean_kl", "top1_agreement"}
-    return {k: float(np.mean([s[k] for s in stats])) if k in mean_keys else max(s[k] for s in stats)
-            for k in stats[0]}
-
-
 def _windows(qm: QuantizedModel, text: str | None, n_windows: int, window_len: int) -> list[list[int]]:
-    if qm.tokenizer is not None:
-        ids = qm.tokenizer(text or _SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
-        ids = (ids * (-(-n_windows * window_len // max(1, len(ids)))))[:n_windows * window_len]
-    else:  # random tokens prove parity just as well on a model without a tokenizer
-        ids = np.random.default_rng(0).integers(0, qm.spec.vocab, n_windows * window_len).tolist()
-    return [ids[i * window_len:(i + 1) * window_len] for i in range(n_windows)]
+    ids = qm.tokenizer(text or _SAMPLE_TEXT, add_special_tokens=False)["input_ids"] if qm.tokenizer else None
+    return parity_windows(ids, n_windows, window_len, qm.spec.vocab)
 
 
 def _prompts(qm: QuantizedModel, prompts) -> list[list[int]]:
@@ -255,7 +202,7 @@ def _check_logits(dec: OrtDecoder, windows, ref_logits) -> tuple[dict, float]:
     """(b) and the tie margin (twice the max abs diff) that (d) uses."""
     got = [dec.logits(w) for w in windows]
     tie = 2 * max(float(np.abs(r - g).max()) for r, g in zip(ref_logits, got))
-    logits = _merge([compare_logits(r, g, tie) for r, g in zip(ref_logits, got)])
+    logits = compare_logits(ref_logits, got, windows, tie)
     logits["tie_margin"] = tie
     logits["pass"] = (logits["rel_max_abs_diff"] <= THRESHOLDS["rel_max_abs"]
                         and logits["mean_kl"] <= THRESHOLDS["kl"]
@@ -307,11 +254,14 @@ def verify_onnx(model_dir: str | Path, qm: QuantizedModel, *, text: str | None =
     result: dict = {"model_dir": str(model_dir), "weights": check_weights(model_dir, qm)}
     torch_model = qm.to_torch()
     windows = _windows(qm, text, n_windows, window_len)
-    ref_logits = [_torch_logits(torch_model, w) for w in windows]
+    ref_logits = torch_logits(torch_model, windows)
     eos = qm.spec.hf_config.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     prompt_ids = _prompts(qm, prompts)
-    torch_gen = [_torch_greedy(torch_model, p, gen_tokens, eos) for p in prompt_ids]
+    torch_gen = []  # per prompt: greedy tokens, and the logits row each was chosen from
+    for p in prompt_ids:
+        steps = list(torch_greedy(torch_model, p, gen_tokens, eos))
+        torch_gen.append(([t for t, _ in steps], [r for _, r in steps]))
     passed = result["weights"]["pass"]
     for level in accuracy_levels:
         dec = OrtDecoder(model_dir, accuracy_level=level, providers=providers, threads=threads)

@@ -13,7 +13,8 @@ from onnx import helper
 
 from converters.onnx.genai import genai_config
 from converters.onnx.graph import DecoderBuilder
-from converters.onnx.layouts import DSQ_LAYOUTS, MS
+from converters.onnx.layouts import MS
+from converters.onnx.target import ONNXOptions
 from converters.onnx.store import GraphStore
 from d2quant.errors import D2Error
 from d2quant.qmodel import QuantizedModel
@@ -25,7 +26,6 @@ FORMAT = "d2export-onnx"
 VERSION = 1
 OPSET = 21
 IR_VERSION = 10  # readable by onnxruntime >= 1.20
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # protobuf caps one message at 2 GiB; keep a margin for the estimate
 _SINGLE_FILE_LIMIT = 3 << 29
 
@@ -51,10 +51,7 @@ def write_onnx(qm: QuantizedModel, out_dir: str | Path, *, embed: str = "float",
     out = Path(out_dir)
     if out.exists() and not force:
         raise D2Error(f"output {out} exists; pass --force to overwrite it")
-    if dsq_layout not in DSQ_LAYOUTS:
-        raise D2Error(f"unknown DSQ layout {dsq_layout!r}; choose one of {', '.join(DSQ_LAYOUTS)}")
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise D2Error(f"accuracy level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
+    ONNXOptions(dsq_layout, accuracy_level, embed, attention)  # validates
     if not external_data and _estimated_bytes(qm) > _SINGLE_FILE_LIMIT:
         raise D2Error("the model is too large for a single .onnx file (protobuf's 2 GB limit); "
                       "write it with external data")
