@@ -95,7 +95,7 @@ class LlamaCppDecoder:
         self.n_vocab = self._worker.info["n_vocab"]
 
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        """No BOS by default: evaluation windows are scored like the torch backend's."""
+        """No BOS by default, special-token strings parsed: the ids the torch backend scores."""
         return self._worker.call("tokenize", text, add_bos)
 
     def logits(self, ids: list[int]) -> np.ndarray:

@@ -40,7 +40,8 @@ class LlamaCppModel:
         return {"n_vocab": self.llm.n_vocab()}
 
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+        # special tokens written in the text (a literal "<unk>") are parsed, as transformers does
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """[T, V] float32 logits at every position of ``ids`` (a fresh context each call)."""
