@@ -36,22 +36,22 @@ from __future__ import annotations
 
 import contextlib
 
+import gguf
 import torch
 
-# weight type -> (activation block type, block length)
-_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-VEC_DOT: dict[str, tuple[str, int]] = {
-    **{t: ("Q8_K", 256) for t in _K_QUANTS},
-    **{t: ("Q8_0", 32) for t in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL")},
-    **{t: ("Q8_1", 32) for t in ("Q4_1", "Q5_1")},
-    "F16": ("F16", 1),
-    "F32": ("F32", 1),
-}
+from d2quant.grids.ggml import ggml_types
+
+def vec_dot(weight_type: str) -> tuple[str, int]:
+    """(activation block type, its block length) llama.cpp pairs a weight type's matmul with."""
+    if weight_type in ("F16", "F32"):
+        return weight_type, 1
+    kind = ggml_types()[weight_type].vec_dot
+    return kind, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]
 
 
 def round_activations(x: torch.Tensor, weight_type: str) -> torch.Tensor:
     """``x`` [..., K] as llama.cpp hands it to a matmul with a ``weight_type`` weight."""
-    kind, block = VEC_DOT[weight_type]
+    kind, block = vec_dot(weight_type)
     if kind == "F32":
         return x
     if kind == "F16":

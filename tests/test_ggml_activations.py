@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from runtime_tests import libggml
-from runtime_tests.ggml_activations import VEC_DOT, emulate_llamacpp, round_activations
+from d2quant.grids.ggml import ggml_types
+from runtime_tests.ggml_activations import emulate_llamacpp, round_activations
 
 
 def _outlier_rows(n_rows: int, n: int) -> np.ndarray:
@@ -34,7 +35,7 @@ def test_q8_k_rounding_puts_the_peak_on_the_grid():
     assert not torch.equal(x, y)
 
 
-@pytest.mark.parametrize("wtype", sorted(VEC_DOT))
+@pytest.mark.parametrize("wtype", [*sorted(ggml_types()), "F16", "F32"])
 def test_every_weight_type_rounds_a_row(wtype):
     x = torch.from_numpy(_outlier_rows(2, 256))
     y = round_activations(x, wtype)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import gguf
 
-import d2quant.grids.ggml  # noqa: F401  (registers the GGML grid kinds the specs name)
+
+from d2quant.grids.ggml import ggml_grid  # (also registers the GGML grid kinds the specs name)
 from d2quant.errors import D2Error
 from d2quant.qmodel import ModelSpec
 
@@ -40,22 +41,13 @@ PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "
 _BASE = {"Q2_K": "q2_k", "Q3_K_S": "q3_k", "Q3_K_M": "q3_k", "Q3_K_L": "q3_k", "Q4_K_S": "q4_k",
          "Q4_K_M": "q4_k", "Q5_K_M": "q5_k", "Q6_K": "q6_k", "Q4_0": "q4_0", "Q8_0": "q8_0"}
 
-_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 # "float" marks a tensor llama.cpp would leave unquantized (F16): its rows fit no block type.
 FLOAT = "float"
 
 
-def ggml_type(kind: str) -> gguf.GGMLQuantizationType:
-    """Our lower-case grid kind ("q4_k") -> gguf-py's enum member (Q4_K)."""
-    try:
-        return gguf.GGMLQuantizationType[kind.upper()]
-    except KeyError:
-        raise D2Error(f"{kind!r} is not a GGML tensor type") from None
-
-
 def block_size(kind: str) -> int:
-    return gguf.GGML_QUANT_SIZES[ggml_type(kind)][0]
+    return ggml_grid(kind).block
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -108,7 +100,7 @@ def _output(base: str, n_cols: int) -> str:
 def _fit_rows(kind: str, n_cols: int) -> str:
     if n_cols % block_size(kind) == 0:
         return kind
-    kind = _FALLBACK.get(kind, kind)
+    kind = ggml_grid(kind).fallback or kind
     return kind if n_cols % block_size(kind) == 0 else FLOAT
 
 
@@ -170,7 +162,8 @@ def tensor_nbytes(kind: str, n_rows: int, n_cols: int) -> int:
     """Bytes a [n_rows, n_cols] matrix takes in a GGML type (FLOAT counts as F16)."""
     if kind == FLOAT:
         return 2 * n_rows * n_cols
-    blk, nbytes = gguf.GGML_QUANT_SIZES[ggml_type(kind)]
+    grid = ggml_grid(kind)
+    blk, nbytes = grid.block, grid.block_bytes
     if n_cols % blk:
         raise D2Error(f"a row of {n_cols} values does not fit {kind.upper()} blocks of {blk}")
     return n_rows * (n_cols // blk) * nbytes

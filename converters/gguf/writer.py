@@ -29,6 +29,7 @@ from converters.gguf.arch import (ArchLayout, choose_layout, extra_tensors, gguf
                                   required, rope_heads, rope_permutation)
 from converters.gguf.blocks import ggml_form, pack_linear
 from converters.gguf.presets import FLOAT, PRESETS, preset_types
+from d2quant.grids.ggml import ggml_grid
 from converters.gguf.tokenizer import add_tokenizer
 from d2quant.errors import D2Error
 from d2quant.qmodel import QuantizedModel, check_output
@@ -191,8 +192,7 @@ def file_type(qm: QuantizedModel, plan: GGUFPlan) -> gguf.LlamaFileType:
             weights[plan.types[g]] += qm.linears[src].codes.numel()
     if not weights:
         return gguf.LlamaFileType.ALL_F32
-    return gguf.LlamaFileType.__members__.get(f"MOSTLY_{weights.most_common(1)[0][0]}",
-                                              gguf.LlamaFileType.GUESSED)
+    return ggml_grid(weights.most_common(1)[0][0]).file_type
 
 
 def write_gguf(qm: QuantizedModel, out_path: str | Path, *, force: bool = False,

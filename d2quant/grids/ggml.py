@@ -36,6 +36,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import ClassVar
 
+import gguf
 import numpy as np
 import torch
 
@@ -43,6 +44,7 @@ from d2quant.errors import D2Error
 from d2quant.grids.base import Grid, Params, round_to_fp16
 
 QK_K = 256
+_GGML_TYPES: dict[str, type["_GgmlGrid"]] = {}  # GGML type name -> its grid class (filled by each class)
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 # Scale search: map the block's largest |x| to (extreme level) * f for each f (f > 1 clips it).
@@ -238,18 +240,41 @@ def _unpack_q3_scales(b: np.ndarray) -> np.ndarray:
 
 # ==== the grids ==================================================================================
 class _GgmlGrid(Grid):
-    """What all GGML block types share: codes on ``levels``, decode ``dl*level[u] + off``, bytes."""
+    """What all GGML block types share: codes on ``levels``, decode ``dl*level[u] + off``, bytes.
+
+    Each subclass is one GGML type and carries every fact about it (llama.cpp's ggml-cpu type
+    traits and llama-quant.cpp): ``block`` and ``block_bytes`` (from gguf's GGML_QUANT_SIZES),
+    ``vec_dot`` (the block type llama.cpp rounds the activations to before the dot product),
+    ``fallback`` (what llama.cpp stores a row that is not a multiple of ``block`` as),
+    ``file_type`` (general.file_type of a file mostly in this type) and ``needs_imatrix`` (llama.cpp
+    refuses to make it without an importance matrix). A type is added in one place: its class.
+    """
 
     block: ClassVar[int]
     block_bytes: ClassVar[int]
+    vec_dot: ClassVar[str]
+    fallback: ClassVar[str | None] = None
+    needs_imatrix: ClassVar[bool] = False
     levels: ClassVar[_Levels]
     fp16_params: ClassVar[tuple[str, ...]]  # also the ones scale_rows multiplies
     int_params: ClassVar[dict[str, tuple[int, int]]] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.kind:
+            cls.block, cls.block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[cls.kind.upper()]]
+            _GGML_TYPES[cls.kind.upper()] = cls
 
     @property
     def type_name(self) -> str:
         """The gguf.GGMLQuantizationType member name."""
         return self.kind.upper()
+
+    @property
+    def file_type(self) -> gguf.LlamaFileType:
+        """llama.cpp has file types per preset; a K type's is its _M preset's."""
+        name = f"MOSTLY_{self.type_name}"
+        return gguf.LlamaFileType.__members__.get(name) or gguf.LlamaFileType[f"{name}_M"]
 
     @property
     def bits_per_weight(self) -> float:
@@ -362,7 +387,8 @@ class _GgmlGrid(Grid):
 class _Block32Grid(_GgmlGrid):
     """Legacy types: one fp16 scale d per 32 weights, decode d*level[u] (Q4_1 adds an offset)."""
 
-    block = group = 32
+    group = 32
+    vec_dot = "Q8_0"
     fp16_params = ("d",)
 
     def _scale_offset(self, p, cols):
@@ -392,17 +418,17 @@ class _Block32Grid(_GgmlGrid):
 
 
 class Q4_0Grid(_Block32Grid):
-    kind, bits, block_bytes = "q4_0", 4, 18
+    kind, bits = "q4_0", 4
     levels = _Levels.range(-8, 7)
 
 
 class IQ4_NLGrid(_Block32Grid):
-    kind, bits, block_bytes = "iq4_nl", 4, 18
+    kind, bits = "iq4_nl", 4
     levels = _Levels(list(KVALUES_IQ4NL))
 
 
 class Q5_0Grid(_Block32Grid):
-    kind, bits, block_bytes = "q5_0", 5, 22
+    kind, bits = "q5_0", 5
     levels = _Levels.range(-16, 15)
 
     def _pack_blocks(self, u, p):
@@ -415,7 +441,7 @@ class Q5_0Grid(_Block32Grid):
 
 
 class Q8_0Grid(_Block32Grid):
-    kind, bits, block_bytes = "q8_0", 8, 34
+    kind, bits = "q8_0", 8
     levels = _Levels.range(-128, 127)  # code u = int8 value + 128
 
     def _pack_blocks(self, u, p):
@@ -428,7 +454,8 @@ class Q8_0Grid(_Block32Grid):
 
 
 class Q4_1Grid(_Block32Grid):
-    kind, bits, block_bytes = "q4_1", 4, 20
+    kind, bits = "q4_1", 4
+    vec_dot = "Q8_1"
     nmax = 15
     levels = _Levels.range(0, nmax)
     fp16_params = ("d", "m")
@@ -460,7 +487,7 @@ class Q4_1Grid(_Block32Grid):
 
 
 class Q5_1Grid(Q4_1Grid):
-    kind, bits, block_bytes = "q5_1", 5, 24
+    kind, bits = "q5_1", 5
     nmax = 31
     levels = _Levels.range(0, nmax)
 
@@ -483,7 +510,8 @@ class _KQuantGrid(_GgmlGrid):
     integers and a least-squares refit of d/dmin, all against the true weighted error.
     """
 
-    block = group = QK_K
+    group = QK_K
+    vec_dot = "Q8_K"
     sub: ClassVar[int]
     has_min: ClassVar[bool]
     sc_levels: ClassVar[_Levels]  # the allowed integer sub-scales (and mins, when has_min)
@@ -575,7 +603,7 @@ class _KQuantGrid(_GgmlGrid):
 
 
 class Q2_KGrid(_KQuantGrid):
-    kind, bits, block_bytes, sub, has_min = "q2_k", 2, 84, 16, True
+    kind, bits, sub, has_min, fallback = "q2_k", 2, 16, True, "q4_0"
     levels, sc_levels = _Levels.range(0, 3), _Levels.range(0, 15)
     fp16_params = ("d", "dmin")
     int_params = {"sc": (0, 15), "m": (0, 15)}
@@ -592,7 +620,7 @@ class Q2_KGrid(_KQuantGrid):
 
 
 class Q3_KGrid(_KQuantGrid):
-    kind, bits, block_bytes, sub, has_min = "q3_k", 3, 110, 16, False
+    kind, bits, sub, has_min, fallback = "q3_k", 3, 16, False, "q4_0"
     levels, sc_levels = _Levels.range(-4, 3), _Levels.range(-32, 31)  # code u = value + 4
     fp16_params = ("d",)
     int_params = {"sc": (-32, 31)}
@@ -609,7 +637,7 @@ class Q3_KGrid(_KQuantGrid):
 
 
 class Q4_KGrid(_KQuantGrid):
-    kind, bits, block_bytes, sub, has_min = "q4_k", 4, 144, 32, True
+    kind, bits, sub, has_min, fallback = "q4_k", 4, 32, True, "q5_0"
     levels, sc_levels = _Levels.range(0, 15), _Levels.range(0, 63)
     fp16_params = ("d", "dmin")
     int_params = {"sc": (0, 63), "m": (0, 63)}
@@ -625,7 +653,7 @@ class Q4_KGrid(_KQuantGrid):
 
 
 class Q5_KGrid(_KQuantGrid):
-    kind, bits, block_bytes, sub, has_min = "q5_k", 5, 176, 32, True
+    kind, bits, sub, has_min, fallback = "q5_k", 5, 32, True, "q5_1"
     levels, sc_levels = _Levels.range(0, 31), _Levels.range(0, 63)
     fp16_params = ("d", "dmin")
     int_params = {"sc": (0, 63), "m": (0, 63)}
@@ -645,7 +673,7 @@ class Q5_KGrid(_KQuantGrid):
 
 
 class Q6_KGrid(_KQuantGrid):
-    kind, bits, block_bytes, sub, has_min = "q6_k", 6, 210, 16, False
+    kind, bits, sub, has_min, fallback = "q6_k", 6, 16, False, "q8_0"
     levels, sc_levels = _Levels.range(-32, 31), _Levels.range(-128, 127)  # code u = value + 32
     fp16_params = ("d",)
     int_params = {"sc": (-128, 127)}
@@ -674,8 +702,9 @@ def _keep_better(best: Params | None, best_e: torch.Tensor | None, p: Params, e:
     return out, torch.minimum(e, best_e)
 
 
-_GGML_TYPES: dict[str, type[_GgmlGrid]] = {c.kind.upper(): c for c in (
-    Q4_0Grid, Q4_1Grid, Q5_0Grid, Q5_1Grid, Q8_0Grid, IQ4_NLGrid, Q2_KGrid, Q3_KGrid, Q4_KGrid, Q5_KGrid, Q6_KGrid)}
+def ggml_types() -> dict[str, type[_GgmlGrid]]:
+    """Every GGML type we calibrate onto, by its gguf name."""
+    return dict(_GGML_TYPES)
 
 
 def ggml_grid(type_name: str) -> _GgmlGrid:
