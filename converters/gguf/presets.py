@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import gguf
 
-
-from d2quant.grids.ggml import ggml_grid  # (also registers the GGML grid kinds the specs name)
 from d2quant.errors import D2Error
+from d2quant.grids.ggml import ggml_grid  # (also registers the GGML grid kinds the specs name)
 from d2quant.qmodel import ModelSpec
 
 DEFAULT_PRESET = "Q3_K_M"  # what `d2export gguf` makes with no --type
