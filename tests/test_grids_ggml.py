@@ -12,7 +12,7 @@ from d2quant.errors import D2Error
 from d2quant.grids import grid_from_spec, registered_kinds
 from d2quant.grids.ggml import ggml_grid
 
-TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 N_ROWS, N_COLS = 16, 512
 # Allowed excess of our weighted error over ggml_quantize_chunk's (measured: ours is 5-45% lower).
 MARGIN = 1.02
@@ -67,7 +67,7 @@ def test_registry_and_geometry():
     for name in TYPES:
         grid = grid_from_spec({"kind": name.lower()})
         assert name.lower() in registered_kinds() and grid.type_name == name
-        assert grid.group == grid.block == (256 if name.endswith("_K") else 32)
+        assert grid.group == grid.block == (256 if name.endswith(("_K", "_XS")) else 32)
         assert grid.bits_per_weight == pytest.approx(grid.block_bytes * 8 / grid.block)
     with pytest.raises(D2Error, match="multiple of 256.*Q4_0"):
         ggml_grid("Q4_K").check_shape(8, 576)

@@ -693,6 +693,30 @@ class Q6_KGrid(_KQuantGrid):
         return u, {"d": _from_f16(raw[:, 208:210]), "sc": sc}
 
 
+class IQ4_XSGrid(_KQuantGrid):
+    """IQ4_NL's 16 non-uniform levels with a 6-bit signed scale per 32 weights in 256-superblocks."""
+
+    kind, bits, sub, has_min, fallback = "iq4_xs", 4, 32, False, "iq4_nl"
+    levels, sc_levels = _Levels(list(KVALUES_IQ4NL)), _Levels.range(-32, 31)
+    fp16_params = ("d",)
+    int_params = {"sc": (-32, 31)}
+
+    def _pack_blocks(self, u, p):
+        v = (p["sc"] + 32).astype(np.uint16)  # 6 bits per sub-block: low 4 in scales_l, high 2 in scales_h
+        high = np.bitwise_or.reduce(((v >> 4) & 3) << (2 * np.arange(8, dtype=np.uint16)), axis=1)
+        low = (v[:, 0::2] & 15) | ((v[:, 1::2] & 15) << 4)
+        qs = _planes(u.reshape(-1, 32), 16, 4).reshape(-1, 128)  # per 32: byte b = u[b] | u[16 + b] << 4
+        return np.concatenate([_f16(p["d"]), high.astype("<u2").reshape(-1, 1).view(np.uint8),
+                               low.astype(np.uint8), qs], axis=1)
+
+    def _unpack_blocks(self, raw):
+        high = np.ascontiguousarray(raw[:, 2:4]).view("<u2").reshape(-1, 1) >> (2 * np.arange(8, dtype=np.uint16))
+        low = np.stack([raw[:, 4:8] & 15, raw[:, 4:8] >> 4], axis=2).reshape(-1, 8)
+        sc = (low.astype(np.int16) | ((high & 3).astype(np.int16) << 4)) - 32
+        u = _unplanes(raw[:, 8:].reshape(-1, 16), 4).reshape(-1, QK_K)
+        return u, {"d": _from_f16(raw[:, :2]), "sc": sc}
+
+
 def _keep_better(best: Params | None, best_e: torch.Tensor | None, p: Params, e: torch.Tensor):
     """Per row, keep whichever of two param sets has the lower error."""
     if best is None:
