@@ -129,7 +129,7 @@ def gguf(
     from converters.gguf import GGUFTarget, write_gguf
 
     from_checkpoint = bool(model and is_checkpoint(model))
-    target = GGUFTarget(type_ or (None if from_checkpoint else DEFAULT_PRESET))
+    target = GGUFTarget(type_ or (None if from_checkpoint else DEFAULT_PRESET), force=force)
     method = calibration.quant.method
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{target.preset or 'ckpt'}.gguf")
     check_output(output, force)

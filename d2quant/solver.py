@@ -65,6 +65,12 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
     the least error has accumulated). A group's columns are then scattered through the visit
     order, so every group's parameters are fit up front on the original weights ("static
     groups") instead of on the error-updated ones when the loop reaches the group.
+
+    A vector grid (``grid.unit`` > 1: llama.cpp's codebook types) is solved unit by unit (the
+    LDLQ / GPTVQ step): the unit's columns are coded together, each weighted by the diagonal of
+    the unit's block of the remaining problem's Hessian, [(U_uu^T U_uu)^-1]_jj with U the upper
+    Cholesky factor of H^-1; the error is pushed into the later columns exactly, through
+    (W_u - Q_u) U_uu^-1 U_u,rest. Act order permutes whole units, by their summed diagonal.
     """
     w = w.detach().float().clone()
     n, k = w.shape
@@ -77,10 +83,15 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
     h_raw, w_in = h.clone(), w.clone()
     h_orig_diag = torch.diag(h_raw)
     g = grid.group
+    unit = getattr(grid, "unit", 1)
     static = None
     if act_order:
         static = [grid.fit(w[:, c:c + g], h_orig_diag[c:c + g]) for c in range(0, k, g)]
-        perm = torch.argsort(h_orig_diag, descending=True)
+        if unit == 1:
+            perm = torch.argsort(h_orig_diag, descending=True)
+        else:  # whole units, by their summed energy
+            order = torch.argsort(h_orig_diag.reshape(-1, unit).sum(1), descending=True)
+            perm = (order[:, None] * unit + torch.arange(unit, device=w.device)).reshape(-1)
         w, h = w[:, perm], h[perm][:, perm]
     else:
         perm = torch.arange(k, device=w.device)
@@ -101,6 +112,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         p = None
+        if unit > 1:
+            _vector_block(grid, w1, err1, hinv1, cols[i1:i2], static, per_group, h_orig_diag, codes, q_all)
+            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            continue
         for i in range(i2 - i1):
             col = cols[i1 + i]  # the weight's own column index
             if static is not None:
@@ -119,3 +134,25 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     params = stack_params(static if static is not None else per_group)
     return Solved(codes, params, q_all, weighted_error(w_in, q_all, h_raw))
+
+
+def _vector_block(grid, w1, err1, hinv1, cols, static, per_group, h_orig_diag, codes, q_all) -> None:
+    """One lazy block of GPTQ on a vector grid, unit by unit (see gptq); fills err1 for the block."""
+    g, unit = grid.group, grid.unit
+    p = None
+    for i in range(0, w1.shape[1], unit):
+        col = cols[i]  # the unit's first column (units are contiguous in the weight's own order)
+        if static is not None:
+            p = static[col // g]
+        elif col % g == 0:
+            p = grid.fit(w1[:, i:i + g], h_orig_diag[col:col + g])
+            per_group.append(p)
+        u_uu = hinv1[i:i + unit, i:i + unit]
+        weight = torch.diag(torch.linalg.inv(u_uu.T @ u_uu))
+        wu = w1[:, i:i + unit]
+        qu = grid.quantize_units(wu, p, col % g, weight)
+        dq = grid.dequantize(qu, p, col % g)
+        codes[:, col:col + unit], q_all[:, col:col + unit] = qu, dq
+        e = torch.linalg.solve_triangular(u_uu, wu - dq, upper=True, left=False)  # (W_u - Q_u) U_uu^-1
+        w1[:, i + unit:] -= e @ hinv1[i:i + unit, i + unit:]
+        err1[:, i:i + unit] = e

@@ -350,3 +350,29 @@ def test_untied_embeddings_keep_base_type_and_output_gets_q6_k():
     assert preset_types("Q8_0", spec)["lm_head"] == "q8_0"
     assert preset_grids("Q3_K_S", spec)["lm_head"] == {"kind": "q6_k"}
     assert np.isclose(preset_size("Q6_K", spec).bits_per_weight, 6.5625, atol=0.01)
+
+
+@pytest.mark.parametrize("preset", ["IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ4_XS"])
+def test_codebook_presets_load_in_llama_cpp_and_match(preset, tmp_path):
+    """llama.cpp's IQ types (codebook grids) carried bit for bit, and run by llama.cpp."""
+    qm = cached_model("llama", preset)
+    kinds = {ql.grid.kind for ql in qm.linears.values()}
+    assert _BASE_KIND[preset] in kinds
+    res = verify_gguf(_export(qm, tmp_path, preset=preset), qm, text=_TEXT, n_windows=2, seq_len=48,
+                      n_threads=1)
+    assert res["weights"]["exact"] == res["weights"]["n_tensors"], res["weights"]
+    assert res["pass"], (res["logits"], res["vs_emulated"])
+
+
+_BASE_KIND = {"IQ2_XXS": "iq2_xxs", "IQ2_M": "iq2_s", "IQ3_XXS": "iq3_xxs", "IQ3_S": "iq3_s", "IQ4_XS": "iq4_xs"}
+
+
+def test_rtn_onto_types_llama_cpp_needs_an_imatrix_for_asks_for_force():
+    from converters.gguf import GGUFTarget
+    from d2quant.pipeline import QuantConfig
+
+    spec = cached_model("llama", "Q8_0").spec
+    with pytest.raises(D2Error, match="IQ2_XXS without any importance.*--force"):
+        GGUFTarget("IQ2_XXS").quant_config(QuantConfig(method="rtn"), spec)
+    assert GGUFTarget("IQ2_XXS", force=True).quant_config(QuantConfig(method="rtn"), spec).grids
+    assert GGUFTarget("IQ2_XXS").quant_config(QuantConfig(method="gptq"), spec).grids

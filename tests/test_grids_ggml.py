@@ -13,6 +13,7 @@ from d2quant.grids import grid_from_spec, registered_kinds
 from d2quant.grids.ggml import ggml_grid
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
+CODEBOOK_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
 N_ROWS, N_COLS = 16, 512
 # Allowed excess of our weighted error over ggml_quantize_chunk's (measured: ours is 5-45% lower).
 MARGIN = 1.02
@@ -177,3 +178,76 @@ def test_pack_rejects_params_off_the_grid():
         grid.pack(codes + 16, params)
     with pytest.raises(D2Error, match="does not fit"):
         grid.unpack(b"\0" * 100, 2, 256)
+
+
+def test_each_type_class_carries_llama_cpps_facts(libggml):
+    from d2quant.grids.ggml import ggml_types
+
+    for name, cls in ggml_types().items():
+        lib = libggml._ggml()
+        traits = lib.ggml_get_type_traits(libggml._type_id(name)).contents
+        assert (cls.block, cls.block_bytes) == (traits.blck_size, traits.type_size), name
+        assert cls.needs_imatrix == bool(lib.ggml_quantize_requires_imatrix(libggml._type_id(name))), name
+        assert cls.fallback is None or ggml_grid(cls.fallback).block == 32
+        assert ggml_grid(name).file_type.name.startswith("MOSTLY_")
+
+
+def _random_codebook_inputs(grid, rng, n=N_ROWS, k=N_COLS):
+    """Valid codes (codebook points; signs with the type's parity) and params in storage form."""
+    from d2quant.grids.iq import _codebook
+
+    levels = _codebook(grid.codebook)[1]
+    lv = levels[rng.integers(0, len(levels), (n, k // grid.unit))].reshape(n, k)
+    neg = rng.integers(0, 2, (n, k))
+    if grid.parity:
+        neg8 = neg.reshape(n, -1, 8)
+        neg8[..., 7] = neg8[..., :7].sum(-1) % 2
+    codes = torch.from_numpy(2 * lv + neg).to(torch.int16)
+    params = {"d": torch.from_numpy(rng.normal(0, 0.01, (n, k // 256)).astype(np.float16).astype(np.float32)),
+              "sc": torch.from_numpy(rng.integers(0, 16, (n, k // 256, 256 // grid.sub)).astype(np.float32))}
+    return codes, params
+
+
+@pytest.mark.parametrize("name", CODEBOOK_TYPES)
+def test_codebook_types_decode_like_gguf_py_and_libggml(name, libggml):
+    rng = np.random.default_rng(CODEBOOK_TYPES.index(name))
+    grid = ggml_grid(name)
+    codes, params = _random_codebook_inputs(grid, rng)
+    raw = grid.pack(codes, params)
+    assert raw.shape == (N_ROWS, N_COLS // 256 * grid.block_bytes)
+    ours = grid.dequantize_matrix(codes, params).numpy()
+    assert np.array_equal(ours, _gguf_decode(name, raw.reshape(-1), N_ROWS, N_COLS))
+    assert np.array_equal(ours, libggml.dequantize_rows(name, raw, N_ROWS, N_COLS))
+    back_codes, back_params = grid.unpack(raw, N_ROWS, N_COLS)
+    assert torch.equal(back_codes, codes) and all(torch.equal(back_params[k], params[k]) for k in params)
+
+
+@pytest.mark.parametrize("name", CODEBOOK_TYPES)
+def test_codebook_fit_beats_llama_cpps_quantizer_with_the_same_importance(name, libggml):
+    rng = np.random.default_rng(7 + CODEBOOK_TYPES.index(name))
+    grid = ggml_grid(name)
+    x = _heavy_rows(rng, 32, 512)
+    imp = torch.from_numpy(rng.uniform(0.1, 2, 512).astype(np.float32))
+    codes, params = _rtn(grid, x, imp)
+    ours = float((((grid.dequantize_matrix(codes, params) - x) ** 2) * imp).sum())
+    ref = libggml.dequantize_rows(name, libggml.quantize_rows(name, x.numpy(), imp.numpy()), 32, 512)
+    theirs = float((((torch.from_numpy(ref) - x) ** 2) * imp).sum())
+    assert ours <= MARGIN * theirs, (ours, theirs)
+    grid.pack(codes, params)  # what the fit makes is valid on the grid
+
+
+def test_invalid_codebook_codes_are_refused():
+    grid = ggml_grid("IQ2_XXS")
+    codes, params = _random_codebook_inputs(grid, np.random.default_rng(0))
+    odd = codes.clone()
+    odd[0, 0] ^= 1  # one sign flipped: the parity over 8 weights breaks
+    with pytest.raises(D2Error, match="even number of negative signs"):
+        grid.pack(odd, params)
+    from d2quant.grids.iq import _codebook
+
+    levels = {tuple(v) for v in _codebook("IQ2_XXS")[1].tolist()}
+    missing = next(v for v in np.ndindex(*[3] * 8) if v not in levels)  # 8 magnitudes no point has
+    off = codes.clone()
+    off[0, :8] = 2 * torch.tensor(missing) + (codes[0, :8] & 1)
+    with pytest.raises(D2Error, match="no point of its codebook"):
+        grid.pack(off, params)

@@ -89,3 +89,17 @@ def test_gptq_beats_rtn_on_calibration_kl(tiny_source):
     r = kl(quantize(tiny_source("llama"), CALIB, QuantConfig(method="rtn", bits=3, group_size=32)))
     g = kl(quantize(tiny_source("llama"), CALIB, QuantConfig(method="gptq", bits=3, group_size=32)))
     assert g < r, (g, r)
+
+
+def test_d2quant_onto_a_codebook_preset_folds_dsq(tiny_source):
+    """D²Quant on llama.cpp's IQ2_XXS preset: GPTQ unit by unit, DSQ's column scale (on the
+    codebook grid) folded into up_proj, the folded model the same function as the calibrated one."""
+    from converters.gguf import preset_grids
+
+    src = tiny_source("llama", hidden_size=256, intermediate_size=512, head_dim=64)
+    qm = quantize(src, CALIB, QuantConfig(method="d2quant", dsq_form="dual", dac=False, batch=4,
+                                          grids=preset_grids("IQ2_XXS", src.spec)))
+    kinds = {ql.grid.kind for ql in qm.linears.values()}
+    assert "iq2_xxs" in kinds and all("col_scale" not in ql.params for ql in qm.linears.values())
+    with torch.no_grad():
+        assert torch.allclose(src.model(CALIB[:2]).logits, qm.to_torch()(CALIB[:2]).logits, atol=1e-4)

@@ -13,8 +13,12 @@ Facts from that source that shape the code:
   or Q8_0 when the preset is Q8_0 or the row length is not a multiple of the preset's block.
   An untied ``token_embd`` keeps the preset's base type.
 * A row length (input features, GGML ``ne[0]``) that is not a multiple of the chosen type's block
-  falls back: Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; and to F16 when even
-  32 does not divide it.
+  falls back (each type's ``fallback``): Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K ->
+  Q8_0; IQ types -> IQ4_NL; and to F16 when even 32 does not divide it.
+* The IQ presets follow the rules llama.cpp applies *with* an importance matrix (it refuses most of
+  them without one; our calibration is the importance): IQ3_XXS keeps IQ3_XXS on attn_v and its
+  base type on ffn_down, IQ4_NL / IQ4_XS do not raise the first ffn_down layers. The IQ1 presets
+  are not offered (no IQ1 grids yet).
 * The "70B" rule (attn_v Q3_K/Q4_K -> Q5_K) applies to 80-layer models with grouped-query
   attention, as llama.cpp classifies them for the llama and qwen2 architectures.
 * A fused attn_qkv (Phi-3) is counted and typed as attn_v (category_is_attn_v); a fused ffn_up
@@ -35,10 +39,17 @@ from d2quant.grids.ggml import ggml_grid  # (also registers the GGML grid kinds 
 from d2quant.qmodel import ModelSpec
 
 DEFAULT_PRESET = "Q3_K_M"  # what `d2export gguf` makes with no --type
-PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0")
-
+# preset -> the GGML type its tensors get unless a rule says otherwise (llama-quant.cpp's
+# default_type_for_ftype)
 _BASE = {"Q2_K": "q2_k", "Q3_K_S": "q3_k", "Q3_K_M": "q3_k", "Q3_K_L": "q3_k", "Q4_K_S": "q4_k",
-         "Q4_K_M": "q4_k", "Q5_K_M": "q5_k", "Q6_K": "q6_k", "Q4_0": "q4_0", "Q8_0": "q8_0"}
+         "Q4_K_M": "q4_k", "Q5_K_M": "q5_k", "Q6_K": "q6_k", "Q4_0": "q4_0", "Q8_0": "q8_0",
+         "Q2_K_S": "q2_k", "IQ2_XXS": "iq2_xxs", "IQ2_XS": "iq2_xs", "IQ2_S": "iq2_xs", "IQ2_M": "iq2_s",
+         "IQ3_XXS": "iq3_xxs", "IQ3_XS": "iq3_s", "IQ3_S": "iq3_s", "IQ3_M": "iq3_s", "IQ4_NL": "iq4_nl",
+         "IQ4_XS": "iq4_xs"}
+PRESETS = tuple(_BASE)
+# the presets whose small tensors llama.cpp keeps in a 2-bit or IQ3_S type (its IQ2 / IQ1 branch)
+_IQ2 = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
+_IQ2_HIGH = ("IQ2_S", "IQ2_M")  # ... which raise them to IQ3_S instead of Q2_K
 
 
 # "float" marks a tensor llama.cpp would leave unquantized (F16): its rows fit no block type.
@@ -56,12 +67,20 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def _attn_v(preset: str, base: str, i: int, n: int, gqa: int, is_70b: bool) -> str:
+    if preset in _IQ2:
+        return "q4_k" if gqa >= 4 else "iq3_s" if preset in _IQ2_HIGH else "q2_k"
     t = base
     if preset == "Q2_K":
         t = "q4_k" if gqa >= 4 else "q3_k"
+    elif preset in ("Q2_K_S", "IQ3_XXS", "IQ3_XS", "IQ3_S") and gqa >= 4:
+        t = "q4_k"
+    elif preset == "IQ3_M":
+        t = "q4_k"
     elif preset == "Q3_K_M":
         t = "q5_k" if i < 2 else "q4_k"
     elif preset == "Q3_K_L":
+        t = "q5_k"
+    elif preset in ("IQ4_NL", "IQ4_XS") and gqa >= 4:
         t = "q5_k"
     elif preset in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n):
         t = "q6_k"
@@ -73,10 +92,16 @@ def _attn_v(preset: str, base: str, i: int, n: int, gqa: int, is_70b: bool) -> s
 
 
 def _ffn_down(preset: str, base: str, i: int, n: int) -> str:
+    if preset in _IQ2:
+        return ("iq3_s" if preset in _IQ2_HIGH else "q2_k") if i < n // 8 else base
     if preset == "Q2_K":
         return "q3_k"
+    if preset == "Q2_K_S":
+        return "q4_k" if i < n // 8 else base
     if preset == "Q3_K_M":
         return "q5_k" if i < n // 16 else "q4_k"
+    if preset == "IQ3_M" and i < n // 8:
+        return "q4_k"
     if preset == "Q3_K_L":
         return "q5_k"
     if preset in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n):
@@ -87,13 +112,30 @@ def _ffn_down(preset: str, base: str, i: int, n: int) -> str:
 
 
 def _attn_output(preset: str, base: str) -> str:
-    return {"Q2_K": "q3_k", "Q3_K_M": "q4_k", "Q3_K_L": "q5_k"}.get(preset, base)
+    if preset in _IQ2:
+        return "iq3_s" if preset in _IQ2_HIGH else base
+    return {"Q2_K": "q3_k", "IQ3_XXS": "iq3_s", "Q3_K_M": "q4_k", "Q3_K_L": "q5_k", "IQ3_M": "q4_k"}.get(preset, base)
 
 
-def _output(base: str, n_cols: int) -> str:
+def _attn_q_k(preset: str, base: str) -> str:
+    return {"IQ3_XS": "iq3_xxs", "IQ3_XXS": "iq2_s"}.get(preset, base)
+
+
+def _ffn_gate_up(preset: str, base: str, i: int, n: int) -> str:
+    return "iq3_xxs" if preset == "IQ3_XS" and n // 8 <= i < 7 * n // 8 else base
+
+
+def _output(preset: str, base: str, n_cols: int) -> str:
     if n_cols % block_size(base) != 0 or base == "q8_0":
         return "q8_0"
-    return "q6_k"
+    return "q5_k" if preset in (*_IQ2, "IQ3_XXS") else "q6_k"
+
+
+def _token_embd(preset: str, base: str) -> str:
+    """An untied token embedding (a tied one is the output tensor)."""
+    if preset in ("IQ2_XXS", "IQ2_XS"):
+        return "q2_k"
+    return "iq3_s" if preset in (*_IQ2_HIGH, "IQ3_XXS") else base
 
 
 def _fit_rows(kind: str, n_cols: int) -> str:
@@ -136,15 +178,19 @@ def preset_types(preset: str, spec: ModelSpec) -> dict[str, str]:
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
         role = fam.role_of(name.split(".", 3)[3]) if layer >= 0 else None
         if name == "lm_head" or (name == "model.embed_tokens" and spec.tie_embeddings):
-            t = _output(base, k)
+            t = _output(preset, base, k)
+        elif name == "model.embed_tokens":
+            t = _token_embd(preset, base)
         elif role in ("attn_v", "attn_qkv"):  # llama-quant.cpp counts a fused qkv as attn_v
             t = _attn_v(preset, base, layer, n, gqa, _is_70b(spec))
         elif role == "ffn_down":
             t = _ffn_down(preset, base, layer, n)
         elif role == "attn_output":
             t = _attn_output(preset, base)
-        else:  # q, k, gate, up and an untied token_embd keep the preset's base type
-            t = base
+        elif role in ("attn_q", "attn_k"):
+            t = _attn_q_k(preset, base)
+        else:  # gate, up (and a fused gate_up)
+            t = _ffn_gate_up(preset, base, layer, n)
         out[name] = _fit_rows(t, k)
     return out
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from converters.gguf.arch import DAC_FFN_BIASES, LAYOUTS
 from converters.gguf.presets import DEFAULT_PRESET, PRESETS, preset_grids
 from d2quant.errors import D2Error
+from d2quant.grids.ggml import ggml_grid
 from d2quant.pipeline import QuantConfig
 from d2quant.qmodel import ModelSpec
 
@@ -21,6 +22,7 @@ from d2quant.qmodel import ModelSpec
 @dataclass(frozen=True)
 class GGUFTarget:
     preset: str | None = DEFAULT_PRESET  # None: a checkpoint is written with the types it holds
+    force: bool = False  # also make what llama.cpp refuses to: unweighted rounding onto IQ types
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -36,4 +38,10 @@ class GGUFTarget:
                           f"biases; pass --no-dac to export {fam.name} to GGUF")
         if cfg.rotate:  # rotation unties a tied lm_head, so the preset must see the untied model
             spec = dataclasses.replace(spec, tie_embeddings=False)
-        return dataclasses.replace(cfg, dsq_form="dual", grids=preset_grids(self.preset, spec))
+        grids = preset_grids(self.preset, spec)
+        needy = sorted({g["kind"].upper() for g in grids.values() if g and ggml_grid(g["kind"]).needs_imatrix})
+        if cfg.method == "rtn" and needy and not self.force:
+            raise D2Error(f"--method rtn rounds onto {', '.join(needy)} without any importance, which "
+                          "llama.cpp refuses to make (it needs an imatrix); calibrate (--method gptq or "
+                          "d2quant), or pass --force to make it anyway")
+        return dataclasses.replace(cfg, dsq_form="dual", grids=grids)

@@ -123,6 +123,7 @@ class DualScaleGrid(Grid):
         if isinstance(self.base, (DualScaleGrid, ResidualBinaryGrid)):
             raise D2Error("a dual-scale grid needs a plain base grid")
         self.bits, self.group = self.base.bits, self.base.group
+        self.unit = getattr(self.base, "unit", 1)  # a codebook base is solved unit by unit
 
     def spec(self) -> dict:
         return {"kind": self.kind, "base": self.base.spec()}
@@ -150,6 +151,13 @@ class DualScaleGrid(Grid):
     def quantize(self, w: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
         bp, c = self._split(p)
         return self.base.quantize(w / _cols(c, w, col0), bp, col0)
+
+    def quantize_units(self, w: torch.Tensor, p: Params, col0: int = 0,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+        """A codebook base's unit search, on the column-scaled weights (errors scale by c^2)."""
+        bp, c = self._split(p)
+        cs = _cols(c, w, col0)
+        return self.base.quantize_units(w / cs, bp, col0, None if weight is None else weight * cs ** 2)
 
     def dequantize(self, q: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
         bp, c = self._split(p)

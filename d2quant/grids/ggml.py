@@ -277,6 +277,11 @@ class _GgmlGrid(Grid):
         return gguf.LlamaFileType.__members__.get(name) or gguf.LlamaFileType[f"{name}_M"]
 
     @property
+    def n_codes(self) -> int:
+        """Distinct per-weight codes."""
+        return self.levels.n
+
+    @property
     def bits_per_weight(self) -> float:
         return self.block_bytes * 8 / self.block
 
@@ -332,8 +337,8 @@ class _GgmlGrid(Grid):
         n, k = codes.shape
         self.check_shape(n, k)
         g = k // self.block
-        if codes.min(initial=0) < 0 or codes.max(initial=0) >= self.levels.n:
-            raise D2Error(f"{self.type_name} codes must lie in 0..{self.levels.n - 1}; "
+        if codes.min(initial=0) < 0 or codes.max(initial=0) >= self.n_codes:
+            raise D2Error(f"{self.type_name} codes must lie in 0..{self.n_codes - 1}; "
                           "the tensor was not quantized on this grid")
         u = codes.reshape(n * g, self.block).astype(np.uint8)
         p = {}
