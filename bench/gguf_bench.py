@@ -197,6 +197,8 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
            "bpw": round(file_bits_per_weight(path, real), 4),
            "bpw_file_elements": round(file_bits_per_weight(path), 4), "types": _types(path),
            "quant_seconds": round(quant_seconds, 1), "warnings": dropped}
+    if "shrink" in qm.recipe:  # the effective calibration settings (defaults included)
+        row["config"] = {k: v for k, v in qm.recipe.items() if k not in ("grids", "calibration")}
     if "seconds" in qm.report:
         row["calib_report"] = {k: qm.report[k] for k in ("seconds", "peak_mem_mb", "final_dac_shift")
                                if k in qm.report}
