@@ -352,7 +352,7 @@ def test_untied_embeddings_keep_base_type_and_output_gets_q6_k():
     assert np.isclose(preset_size("Q6_K", spec).bits_per_weight, 6.5625, atol=0.01)
 
 
-@pytest.mark.parametrize("preset", ["IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ4_XS"])
+@pytest.mark.parametrize("preset", ["IQ1_M", "IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ4_XS"])
 def test_codebook_presets_load_in_llama_cpp_and_match(preset, tmp_path):
     """llama.cpp's IQ types (codebook grids) carried bit for bit, and run by llama.cpp."""
     qm = cached_model("llama", preset)
@@ -364,7 +364,7 @@ def test_codebook_presets_load_in_llama_cpp_and_match(preset, tmp_path):
     assert res["pass"], (res["logits"], res["vs_emulated"])
 
 
-_BASE_KIND = {"IQ2_XXS": "iq2_xxs", "IQ2_M": "iq2_s", "IQ3_XXS": "iq3_xxs", "IQ3_S": "iq3_s", "IQ4_XS": "iq4_xs"}
+_BASE_KIND = {"IQ1_M": "iq1_m", "IQ2_XXS": "iq2_xxs", "IQ2_M": "iq2_s", "IQ3_XXS": "iq3_xxs", "IQ3_S": "iq3_s", "IQ4_XS": "iq4_xs"}
 
 
 def test_rtn_onto_types_llama_cpp_needs_an_imatrix_for_asks_for_force():

@@ -13,7 +13,7 @@ from d2quant.grids import grid_from_spec, registered_kinds
 from d2quant.grids.ggml import ggml_grid
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
-CODEBOOK_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
+CODEBOOK_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"]
 N_ROWS, N_COLS = 16, 512
 # Allowed excess of our weighted error over ggml_quantize_chunk's (measured: ours is 5-45% lower).
 MARGIN = 1.02
@@ -198,14 +198,17 @@ def _random_codebook_inputs(grid, rng, n=N_ROWS, k=N_COLS):
 
     levels = _codebook(grid.codebook)[1]
     lv = levels[rng.integers(0, len(levels), (n, k // grid.unit))].reshape(n, k)
+    params = {"d": torch.from_numpy(rng.normal(0, 0.01, (n, k // 256)).astype(np.float16).astype(np.float32))}
+    for name, (lo, hi) in grid.int_params.items():
+        runs = 256 // (grid.sub if name == "sc" else grid.delta_run)
+        params[name] = torch.from_numpy(rng.integers(lo, hi + 1, (n, k // 256, runs)).astype(np.float32))
+    if "dneg" in params:  # ternary: the signs are in the codebook
+        return torch.from_numpy(lv).to(torch.int16), params
     neg = rng.integers(0, 2, (n, k))
     if grid.parity:
         neg8 = neg.reshape(n, -1, 8)
         neg8[..., 7] = neg8[..., :7].sum(-1) % 2
-    codes = torch.from_numpy(2 * lv + neg).to(torch.int16)
-    params = {"d": torch.from_numpy(rng.normal(0, 0.01, (n, k // 256)).astype(np.float16).astype(np.float32)),
-              "sc": torch.from_numpy(rng.integers(0, 16, (n, k // 256, 256 // grid.sub)).astype(np.float32))}
-    return codes, params
+    return torch.from_numpy(2 * lv + neg).to(torch.int16), params
 
 
 @pytest.mark.parametrize("name", CODEBOOK_TYPES)

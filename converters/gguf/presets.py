@@ -17,8 +17,7 @@ Facts from that source that shape the code:
   Q8_0; IQ types -> IQ4_NL; and to F16 when even 32 does not divide it.
 * The IQ presets follow the rules llama.cpp applies *with* an importance matrix (it refuses most of
   them without one; our calibration is the importance): IQ3_XXS keeps IQ3_XXS on attn_v and its
-  base type on ffn_down, IQ4_NL / IQ4_XS do not raise the first ffn_down layers. The IQ1 presets
-  are not offered (no IQ1 grids yet).
+  base type on ffn_down, IQ4_NL / IQ4_XS do not raise the first ffn_down layers.
 * The "70B" rule (attn_v Q3_K/Q4_K -> Q5_K) applies to 80-layer models with grouped-query
   attention, as llama.cpp classifies them for the llama and qwen2 architectures.
 * A fused attn_qkv (Phi-3) is counted and typed as attn_v (category_is_attn_v); a fused ffn_up
@@ -45,10 +44,11 @@ _BASE = {"Q2_K": "q2_k", "Q3_K_S": "q3_k", "Q3_K_M": "q3_k", "Q3_K_L": "q3_k", "
          "Q4_K_M": "q4_k", "Q5_K_M": "q5_k", "Q6_K": "q6_k", "Q4_0": "q4_0", "Q8_0": "q8_0",
          "Q2_K_S": "q2_k", "IQ2_XXS": "iq2_xxs", "IQ2_XS": "iq2_xs", "IQ2_S": "iq2_xs", "IQ2_M": "iq2_s",
          "IQ3_XXS": "iq3_xxs", "IQ3_XS": "iq3_s", "IQ3_S": "iq3_s", "IQ3_M": "iq3_s", "IQ4_NL": "iq4_nl",
-         "IQ4_XS": "iq4_xs"}
+         "IQ4_XS": "iq4_xs", "IQ1_S": "iq1_s", "IQ1_M": "iq1_m"}
 PRESETS = tuple(_BASE)
 # the presets whose small tensors llama.cpp keeps in a 2-bit or IQ3_S type (its IQ2 / IQ1 branch)
-_IQ2 = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
+_IQ2 = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M")
+_IQ1 = ("IQ1_S", "IQ1_M")
 _IQ2_HIGH = ("IQ2_S", "IQ2_M")  # ... which raise them to IQ3_S instead of Q2_K
 
 
@@ -113,7 +113,7 @@ def _ffn_down(preset: str, base: str, i: int, n: int) -> str:
 
 def _attn_output(preset: str, base: str) -> str:
     if preset in _IQ2:
-        return "iq3_s" if preset in _IQ2_HIGH else base
+        return "iq3_s" if preset in _IQ2_HIGH else "iq2_xxs" if preset in _IQ1 else base
     return {"Q2_K": "q3_k", "IQ3_XXS": "iq3_s", "Q3_K_M": "q4_k", "Q3_K_L": "q5_k", "IQ3_M": "q4_k"}.get(preset, base)
 
 
@@ -133,7 +133,7 @@ def _output(preset: str, base: str, n_cols: int) -> str:
 
 def _token_embd(preset: str, base: str) -> str:
     """An untied token embedding (a tied one is the output tensor)."""
-    if preset in ("IQ2_XXS", "IQ2_XS"):
+    if preset in ("IQ2_XXS", "IQ2_XS", *_IQ1):
         return "q2_k"
     return "iq3_s" if preset in (*_IQ2_HIGH, "IQ3_XXS") else base
 

@@ -356,6 +356,169 @@ class IQ3_SGrid(_CodebookGrid):
         return self._codes(idx, raw[:, 74:106]), {"d": _from_f16(raw[:, :2]), "sc": self._unnibble(raw[:, 106:110])}
 
 
+class _TernaryGrid(_CodebookGrid):
+    """IQ1_S / IQ1_M: 2048 ternary 8-vectors (values -1, 0, 1: signs inside the codebook) shifted by
+    +-0.125 (``delta``, one sign per ``delta_run`` weights), 3-bit scales: ``d * (2 sc + 1)``.
+
+    Codes are the level index per weight (0, 1, 2 for -1, 0, 1); the delta signs are a param,
+    ``dneg`` (1: -0.125), per run of ``delta_run`` weights.
+    """
+
+    codebook, unit = "IQ1_S", 8
+    int_params = {"sc": (0, 7), "dneg": (0, 1)}
+    delta_run: ClassVar[int]
+    needs_imatrix = True
+
+    @property
+    def n_codes(self) -> int:
+        return 3
+
+    def _scale(self, d, sc):
+        return d * (2 * sc + 1)
+
+    def _delta(self, p: Params, col0: int, n: int) -> torch.Tensor:
+        ri = torch.arange(col0, col0 + n) // self.delta_run
+        return torch.where(p["dneg"].float()[:, ri] > 0, -0.125, 0.125)
+
+    def dequantize(self, q: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
+        col = q.dim() == 1
+        q2 = q.unsqueeze(1) if col else q
+        g = q2.float() - 1  # level -> -1, 0, 1
+        y = self._dl(p, col0, q2.shape[1]).to(q2.device) * (g + self._delta(p, col0, q2.shape[1]).to(q2.device))
+        return y[:, 0] if col else y
+
+    def _codes_for(self, w, dl, weight, delta=None):
+        """The point per unit for per-weight scales dl and deltas (+-0.125 per weight)."""
+        n_rows, n = w.shape
+        x = w.float() / _safe(dl) - delta
+        wt = torch.ones_like(x) if weight is None else weight.float().to(w.device).expand_as(x)
+        pts = self.points.to(w.device)  # the values -1, 0, 1
+        pts_t, pts2_t = pts.T.contiguous(), (pts * pts).T.contiguous()
+        v = self.unit
+        idx = torch.empty(n_rows, n // v, dtype=torch.long, device=w.device)
+        for r0 in range(0, n_rows, _ROWS_PER_CHUNK):
+            xr = x[r0:r0 + _ROWS_PER_CHUNK].reshape(-1, v)
+            wr = wt[r0:r0 + _ROWS_PER_CHUNK].reshape(-1, v)
+            dist = torch.addmm(wr @ pts2_t, wr * xr, pts_t, alpha=-2)
+            idx[r0:r0 + _ROWS_PER_CHUNK] = dist.argmin(-1).reshape(-1, n // v)
+        levels = torch.from_numpy(_codebook(self.codebook)[1]).to(w.device)
+        return levels[idx].reshape(n_rows, n).to(torch.int16)
+
+    def quantize_units(self, w, p, col0=0, weight=None):
+        n = w.shape[1]
+        return self._codes_for(w, self._dl(p, col0, n).to(w.device), weight, self._delta(p, col0, n).to(w.device))
+
+    def _signed(self, q):
+        return q.float() - 1
+
+    def _deltas(self, dneg: torch.Tensor) -> torch.Tensor:
+        return torch.where(dneg.repeat_interleave(self.delta_run, 1) > 0, -0.125, 0.125)
+
+    def _run_errors(self, x, imp, dl, dneg) -> tuple[torch.Tensor, torch.Tensor]:
+        delta = self._deltas(dneg)
+        q = self._codes_for(x, dl, imp, delta)
+        e = (imp * (dl * (q.float() - 1 + delta) - x) ** 2).reshape(x.shape[0], -1, self.delta_run).sum(-1)
+        return e, q
+
+    def best_dneg(self, x, imp, dl) -> torch.Tensor:
+        """Per run of delta_run weights, the delta sign with the lower error."""
+        runs = (x.shape[0], QK_K // self.delta_run)
+        e_pos, _ = self._run_errors(x, imp, dl, torch.zeros(runs))
+        e_neg, _ = self._run_errors(x, imp, dl, torch.ones(runs))
+        return (e_neg < e_pos).float()
+
+    def _errors(self, x, imp, dl):
+        """Weighted error per sub-block [N, S] (each delta run at its better sign), and the codes."""
+        e, q = self._run_errors(x, imp, dl, self.best_dneg(x, imp, dl))
+        if self.sub >= self.delta_run:
+            return e.reshape(x.shape[0], self.n_sub, -1).sum(-1), q
+        return e.repeat_interleave(self.delta_run // self.sub, 1) / (self.delta_run // self.sub), q
+
+    def fit(self, w, importance=None):
+        p = super().fit(w, importance)
+        x = w.float()
+        imp = _importance(importance, x).unsqueeze(0).expand_as(x)
+        return {**p, "dneg": self.best_dneg(x, imp, self._dl(p, 0, QK_K))}
+
+    def _superblock(self, t):
+        one = torch.ones(1)
+        d = round_to_fp16(t.amax(1) / self._scale(one, 7 * one))
+        return {"d": d, "sc": ((t / _safe(d).unsqueeze(-1) - 1) / 2).round().clamp(0, 7)}
+
+    def _refine(self, x, imp, p):
+        best, best_e = dict(p), None
+        for ds in (0, -1, 1):
+            sc = (p["sc"] + ds).clamp(0, 7)
+            e, _ = self._errors(x, imp, self._dl({"d": p["d"], "sc": sc}, 0, QK_K))
+            if best_e is None:
+                best_e = e
+                continue
+            take = e < best_e
+            best["sc"], best_e = torch.where(take, sc, best["sc"]), torch.minimum(e, best_e)
+        dl = self._dl(best, 0, QK_K)
+        dneg = self.best_dneg(x, imp, dl)
+        _, q = self._run_errors(x, imp, dl, dneg)
+        delta = self._deltas(dneg)
+        a = self._dl({"d": torch.ones_like(p["d"]), "sc": best["sc"]}, 0, QK_K) * (q.float() - 1 + delta)
+        num, den = (imp * x * a).sum(1), (imp * a * a).sum(1)
+        d = round_to_fp16(torch.where(den > 0, num / den.clamp(min=1e-30), p["d"]))
+        return {"d": torch.where(d > 0, d, p["d"]), "sc": best["sc"]}
+
+    def _unit_index(self, u):
+        _, levels = _codebook(self.codebook)
+        lv = u.astype(np.int64).reshape(u.shape[0], -1, self.unit)
+        idx = _point_lookup(levels, 3)[(lv * 3 ** np.arange(self.unit)).sum(-1)]
+        if (idx < 0).any():
+            raise D2Error(f"{self.type_name} codes are no point of its codebook; the tensor was not "
+                          "quantized on this grid")
+        return idx
+
+    def _codes_from(self, idx):
+        return _codebook(self.codebook)[1][idx].reshape(idx.shape[0], QK_K).astype(np.uint8)
+
+
+class IQ1_SGrid(_TernaryGrid):
+    kind, bits, sub, delta_run = "iq1_s", 1, 32, 32
+
+    def _pack_blocks(self, u, p):
+        idx = self._unit_index(u)  # [M, 32]
+        high = ((idx >> 8).reshape(-1, 8, 4) << (3 * np.arange(4))).sum(-1)
+        qh = high | (p["sc"].astype(np.int64) << 12) | (p["dneg"].astype(np.int64) << 15)
+        return np.concatenate([_f16(p["d"]), (idx & 255).astype(np.uint8),
+                               qh.astype("<u2").view(np.uint8)], axis=1)
+
+    def _unpack_blocks(self, raw):
+        qh = np.ascontiguousarray(raw[:, 34:50]).view("<u2").astype(np.int64)  # [M, 8]
+        high = ((qh[:, :, None] >> (3 * np.arange(4))) & 7).reshape(-1, 32)
+        idx = raw[:, 2:34].astype(np.int64) | (high << 8)
+        return self._codes_from(idx), {"d": _from_f16(raw[:, :2]), "sc": (qh >> 12) & 7, "dneg": qh >> 15}
+
+
+class IQ1_MGrid(_TernaryGrid):
+    kind, bits, sub, delta_run = "iq1_m", 1, 16, 8
+    needs_imatrix = False  # libggml quantizes it without one (llama-quantize refuses the preset)
+
+    def _pack_blocks(self, u, p):
+        idx = self._unit_index(u)  # [M, 32]
+        m = u.shape[0]
+        dn = p["dneg"].astype(np.int64)  # [M, 32], one per unit of 8
+        nib = ((idx >> 8) & 7) | (dn << 3)  # per unit: 3 high index bits, then the delta sign
+        qh = (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8)
+        d16 = p["d"].astype("<f2").view(np.uint16).astype(np.int64)
+        sc = p["sc"].astype(np.int64).reshape(m, 4, 4)
+        words = (sc << (3 * np.arange(4))).sum(-1) | (((d16[:, None] >> (4 * np.arange(4))) & 15) << 12)
+        return np.concatenate([(idx & 255).astype(np.uint8), qh, words.astype("<u2").view(np.uint8)], axis=1)
+
+    def _unpack_blocks(self, raw):
+        m = raw.shape[0]
+        words = np.ascontiguousarray(raw[:, 48:56]).view("<u2").astype(np.int64)  # [M, 4]
+        d16 = ((words >> 12) << (4 * np.arange(4))).sum(-1).astype(np.uint16)
+        sc = ((words[:, :, None] >> (3 * np.arange(4))) & 7).reshape(m, 16)
+        nib = np.stack([raw[:, 32:48] & 15, raw[:, 32:48] >> 4], axis=2).reshape(m, 32).astype(np.int64)
+        idx = raw[:, :32].astype(np.int64) | ((nib & 7) << 8)
+        return self._codes_from(idx), {"d": d16.view(np.float16).astype(np.float32), "sc": sc, "dneg": nib >> 3}
+
+
 def _with_parity(s7: np.ndarray) -> np.ndarray:
     """7 stored sign bits -> the 8 signs (the 8th makes the count of negatives even)."""
     s7 = s7.astype(np.uint8)
