@@ -181,25 +181,30 @@ class _CodebookGrid(_GgmlGrid):
 
     def _superblock(self, t: torch.Tensor) -> Params:
         """fp16 d and integer sc with _scale(d, sc) ~ t (_scale is affine in sc)."""
-        one = torch.ones(1)
+        one, top = torch.ones(1), self.int_params["sc"][1]
         base, step = self._scale(one, 0 * one), self._scale(one, one) - self._scale(one, 0 * one)
-        d = round_to_fp16(t.amax(1) / (base + 15 * step))
-        sc = ((t / _safe(d).unsqueeze(-1) - base) / step).round().clamp(0, 15)
+        d = round_to_fp16(t.amax(1) / (base + top * step))
+        sc = ((t / _safe(d).unsqueeze(-1) - base) / step).round().clamp(0, top)
         return {"d": d, "sc": sc}
+
+    def _per_unit_d(self, x, imp, p: Params) -> torch.Tensor:
+        """What each weight is per unit of d, for the codes x takes under p (for the d refit)."""
+        dl1 = self._dl({"d": torch.ones_like(p["d"]), "sc": p["sc"]}, 0, QK_K)
+        return dl1 * self._signed(self._errors(x, imp, self._dl(p, 0, QK_K))[1])
 
     def _refine(self, x, imp, p: Params) -> Params:
         """Each sub-block's integer within +-1 (d fixed), then a least-squares d for those codes."""
+        top = self.int_params["sc"][1]
         best, best_e = dict(p), None
         for ds in (0, -1, 1):
-            sc = (p["sc"] + ds).clamp(0, 15)
+            sc = (p["sc"] + ds).clamp(0, top)
             e, _ = self._errors(x, imp, self._dl({"d": p["d"], "sc": sc}, 0, QK_K))
             if best_e is None:
                 best_e = e
                 continue
             take = e < best_e
             best["sc"], best_e = torch.where(take, sc, best["sc"]), torch.minimum(e, best_e)
-        dl1 = self._dl({"d": torch.ones_like(p["d"]), "sc": best["sc"]}, 0, QK_K)  # the scale per unit d
-        a = dl1 * self._signed(self._errors(x, imp, self._dl(best, 0, QK_K))[1])
+        a = self._per_unit_d(x, imp, best)
         num, den = (imp * x * a).sum(1), (imp * a * a).sum(1)
         d = round_to_fp16(torch.where(den > 0, num / den.clamp(min=1e-30), p["d"]))
         return {"d": torch.where(d > 0, d, p["d"]), "sc": best["sc"]}
@@ -440,29 +445,12 @@ class _TernaryGrid(_CodebookGrid):
         imp = _importance(importance, x).unsqueeze(0).expand_as(x)
         return {**p, "dneg": self.best_dneg(x, imp, self._dl(p, 0, QK_K))}
 
-    def _superblock(self, t):
-        one = torch.ones(1)
-        d = round_to_fp16(t.amax(1) / self._scale(one, 7 * one))
-        return {"d": d, "sc": ((t / _safe(d).unsqueeze(-1) - 1) / 2).round().clamp(0, 7)}
-
-    def _refine(self, x, imp, p):
-        best, best_e = dict(p), None
-        for ds in (0, -1, 1):
-            sc = (p["sc"] + ds).clamp(0, 7)
-            e, _ = self._errors(x, imp, self._dl({"d": p["d"], "sc": sc}, 0, QK_K))
-            if best_e is None:
-                best_e = e
-                continue
-            take = e < best_e
-            best["sc"], best_e = torch.where(take, sc, best["sc"]), torch.minimum(e, best_e)
-        dl = self._dl(best, 0, QK_K)
+    def _per_unit_d(self, x, imp, p):
+        dl = self._dl(p, 0, QK_K)
         dneg = self.best_dneg(x, imp, dl)
         _, q = self._run_errors(x, imp, dl, dneg)
-        delta = self._deltas(dneg)
-        a = self._dl({"d": torch.ones_like(p["d"]), "sc": best["sc"]}, 0, QK_K) * (q.float() - 1 + delta)
-        num, den = (imp * x * a).sum(1), (imp * a * a).sum(1)
-        d = round_to_fp16(torch.where(den > 0, num / den.clamp(min=1e-30), p["d"]))
-        return {"d": torch.where(d > 0, d, p["d"]), "sc": best["sc"]}
+        dl1 = self._dl({"d": torch.ones_like(p["d"]), "sc": p["sc"]}, 0, QK_K)
+        return dl1 * (q.float() - 1 + self._deltas(dneg))
 
     def _unit_index(self, u):
         _, levels = _codebook(self.codebook)
