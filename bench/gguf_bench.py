@@ -291,6 +291,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def plot(rows: list[dict], path: Path, eval_set: str = "wiki-test") -> None:
+    """Perplexity on ``eval_set`` against file size, one line per method across the presets: the
+    curve a user reads to choose a file (matplotlib, from the bench extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for model, calib in sorted({(r["model"], r["calib"]) for r in rows}):
+        series: dict[str, list[tuple[float, float, str]]] = {}
+        for r in rows:
+            if (r["model"], r["calib"]) == (model, calib) and eval_set in r["scores"] and r["method"] != "float":
+                series.setdefault(r["method"], []).append((r["file_bytes"] / 2**20, r["scores"][eval_set]["ppl"],
+                                                           r["preset"]))
+        for method, pts in sorted(series.items()):
+            if len(pts) < 2:
+                continue
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} ({model}, {calib})")
+            for x, y, preset in pts:
+                ax.annotate(preset, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel(f"llama.cpp perplexity, {eval_set}")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
@@ -312,12 +342,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="print the results as markdown and exit")
+    ap.add_argument("--plot", type=Path, metavar="PNG", help="write perplexity against file size and exit")
+    ap.add_argument("--plot-set", default="wiki-test", choices=protocol.EVAL_SETS)
     ap.add_argument("--speed", nargs="+", type=Path, metavar="GGUF",
                     help="only decode tokens/s of these files against the last one, taking turns "
                          "(for an idle machine); appended to results/gguf_speed.jsonl")
     a = ap.parse_args(argv)
     if a.table:
         print(table(read_rows(a.results)))
+        return
+    if a.plot:
+        plot([r for r in read_rows(a.results) if r["model"] in a.models], a.plot, a.plot_set)
         return
     for m in a.methods:
         method_config(m)  # refuse a bad lever before hours of work
