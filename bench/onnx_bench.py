@@ -1,8 +1,11 @@
-"""Issue-4 benchmark: a checkpoint exported to ONNX, run by onnxruntime vs the torch quantized model.
+"""A checkpoint exported to ONNX, run by onnxruntime vs the torch quantized model, under the
+domain protocol (bench/protocol.py).
 
-For each checkpoint and DSQ layout: file size, session memory, onnxruntime perplexity at accuracy
-levels 0 and 4 against torch on the same windows, prefill (one 512-token window) and decode
-(64 greedy tokens) speed. One JSON line per result in bench/results/onnx.jsonl.
+For each checkpoint and DSQ layout: file size, onnxruntime's perplexity and KL divergence from the
+float model (torch) on every eval set of the protocol at accuracy levels 0 and 4, the torch
+quantized model's on the same windows, prefill (one 512-token window) and decode (64 greedy
+tokens) speed. One JSON line per result in bench/results/onnx_domains.jsonl (onnx.jsonl: the
+wikitext-only rows of before).
 
     python bench/onnx_bench.py CKPT [CKPT ...] --windows 40 [--layouts planes lut]
     python bench/onnx_bench.py float:smollm2-135m onnx:GENAI_BUILDER_DIR --windows 40
@@ -23,25 +26,24 @@ from pathlib import Path
 import onnx
 import psutil
 
-from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
+import protocol  # bench/ is on sys.path when run as a script
+from resultlog import append_row, read_rows
 from converters.onnx import write_onnx
 from d2quant.data import read_text, wikitext_dir
-from d2quant.evaluate import TorchBackend, perplexity
+from d2quant.evaluate import TorchBackend
 from d2quant.pipeline import quantize_embeddings
 from d2quant.qmodel import QuantizedModel
 from d2quant.sources import load_source
 from runtime_tests.onnxrt import OrtDecoder
 
 DATA = wikitext_dir()
-RESULTS = Path(__file__).resolve().parent / "results" / "onnx.jsonl"
+RESULTS = Path(__file__).resolve().parent / "results" / "onnx_domains.jsonl"
 SPEED_RESULTS = RESULTS.with_name("onnx_speed.jsonl")
 EMBED_GROUP = 64
 
 
 def _speed(dec: OrtDecoder, ids: list[int]) -> tuple[float, float]:
-    t = time.perf_counter()
-    dec.logits(ids)
-    prefill = len(ids) / (time.perf_counter() - t)
+    prefill = len(ids) / dec.prefill_seconds(ids)  # timed in the runtime's process
     t = time.perf_counter()
     n = sum(1 for _ in dec.generate(ids[:32], 64))
     return prefill, n / (time.perf_counter() - t)
@@ -73,28 +75,26 @@ def _export(target: str, layout: str, embed: str, attention: str, out_root: Path
     return out, name, {k: qm.recipe.get(k) for k in ("method", "bits", "group_size")}, qm
 
 
-def bench(target: str, layout: str, embed: str, attention: str, windows: int,
-          out_root: Path) -> list[dict]:
-    text = read_text(DATA / "test.txt")
+def bench(target: str, layout: str, embed: str, attention: str, windows: int, out_root: Path,
+          model: str) -> list[dict]:
     out, name, recipe, qm = _export(target, layout, embed, attention, out_root)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
-    torch_ppl = None
-    if qm is not None:
-        torch_ppl = round(perplexity(TorchBackend(qm.to_torch(), qm.tokenizer), text, 512, windows).ppl, 3)
+    fp = load_source(model)
+    sets = protocol.eval_sets(model, fp.tokenizer, fp.spec.vocab, windows, 512, "torch",
+                              lambda: TorchBackend(fp.model, fp.tokenizer))
+    torch_scores = None if qm is None else protocol.score(TorchBackend(qm.to_torch(), qm.tokenizer), sets)
     has_rbin = qm is not None and any(ql.grid.kind == "rbin" for ql in qm.linears.values())
+    text = read_text(DATA / "test.txt")
     rows = []
     for level in _levels(out):
-        rss = psutil.Process().memory_info().rss
         dec = OrtDecoder(out, accuracy_level=level)
-        mem = (psutil.Process().memory_info().rss - rss) / 2**20
-        ppl = perplexity(dec, text, 512, windows).ppl
+        scores = protocol.score(dec, sets)
         prefill, decode = _speed(dec, dec.tokenize(text[:20000])[:512])
+        dec.close()
         rows.append({"ckpt": name, "recipe": recipe, "layout": layout if has_rbin else "-",
-                     "accuracy_level": level, "file_mb": round(size / 2**20, 1),
-                     "session_mb": round(mem, 1), "ppl_ort": round(ppl, 3), "ppl_torch": torch_ppl,
-                     "windows": windows, "prefill_tok_s": round(prefill, 1), "decode_tok_s": round(decode, 1),
-                     "threads": os.cpu_count()})
-        del dec
+                     "accuracy_level": level, "file_mb": round(size / 2**20, 1), "scores": scores,
+                     "torch_scores": torch_scores, "windows": windows, "prefill_tok_s": round(prefill, 1),
+                     "decode_tok_s": round(decode, 1), "threads": os.cpu_count()})
     return rows
 
 
@@ -144,13 +144,17 @@ def peak_rss_mb(model_dir: Path, level: int | None) -> tuple[float, float]:
 
 
 def table() -> str:
-    rows = read_rows(RESULTS)
-    out = ["| checkpoint | layout | acc. level | file MiB | session MiB | ppl ORT | ppl torch | prefill tok/s | decode tok/s | windows |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    out += [f"| {r['ckpt']} | {r['layout']} | {'-' if r['accuracy_level'] is None else r['accuracy_level']} | "
-            f"{r['file_mb']} | {r['session_mb']} | {fmt(r['ppl_ort'])} | {fmt(r['ppl_torch'])} | "
-            f"{r['prefill_tok_s']} | {r['decode_tok_s']} | {r.get('windows', '')} |" for r in rows]
+    rows, sets = read_rows(RESULTS), protocol.EVAL_SETS
+    cell = lambda sc: f"{sc['ppl']:.2f} / {sc['mean_kl']:.4f}"  # noqa: E731
+    out = [f"| checkpoint | layout | acc. level | file MiB | {' | '.join(f'{n} ppl / KLD' for n in sets)} | "
+           "wiki-test ppl in torch | prefill tok/s | decode tok/s | windows |",
+           "|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|"]
+    for r in rows:
+        torch_ppl = f"{r['torch_scores']['wiki-test']['ppl']:.2f}" if r.get("torch_scores") else "-"
+        level = "-" if r["accuracy_level"] is None else r["accuracy_level"]
+        out.append(f"| {r['ckpt']} | {r['layout']} | {level} | {r['file_mb']} | "
+                   f"{' | '.join(cell(r['scores'][n]) for n in sets)} | {torch_ppl} | {r['prefill_tok_s']} | "
+                   f"{r['decode_tok_s']} | {r['windows']} |")
     speed = read_rows(SPEED_RESULTS)
     if speed:
         out += ["", "| ONNX folder | acc. level | prefill tok/s (512) | decode tok/s (64) | peak RSS MiB | best of | threads |",
@@ -170,6 +174,7 @@ def main() -> None:
                     help="embedding table (and tied lm_head) float or RTN q4/q8 (block 64)")
     ap.add_argument("--attentions", nargs="*", default=["gqa"], choices=["gqa", "ops"])
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--model", default="smollm2-135m", help="the float model the KLD is measured from")
     ap.add_argument("--out", type=Path, default=Path("runs/onnx"))
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--speed", nargs="*", type=Path, default=None,
@@ -189,7 +194,7 @@ def main() -> None:
         for layout, embed, attention in itertools.product(
                 a.layouts[:1] if external or target.startswith("float:") else a.layouts,
                 ["float"] if external else a.embeds, ["gqa"] if external else a.attentions):
-            for row in bench(target, layout, embed, attention, a.windows, a.out):
+            for row in bench(target, layout, embed, attention, a.windows, a.out, a.model):
                 append_row(RESULTS, row)
 
 
