@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import onnx
-import psutil
 
 import protocol  # bench/ is on sys.path when run as a script
 from resultlog import append_row, read_rows
