@@ -120,7 +120,7 @@ def make_model(base: Source, model: str, preset: str, method: str, s: Settings) 
     if method == "llamacpp-imatrix":
         return quantize_with_libggml(src, preset, collect_importance(src, tokens))
     name, levers = method_config(method)  # what `d2export gguf` runs, through the same target
-    cfg = GGUFTarget(preset).quant_config(QuantConfig(method=name, device=s.device, **levers), src.spec)
+    cfg = GGUFTarget(preset).quant_config(QuantConfig(method=name, device=s.device, **levers), src, tokens)
     return quantize(src, tokens, cfg)
 
 

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from d2quant.data import CalibConfig, calibration_tokens
 from d2quant.pipeline import QuantConfig, quantize
-from d2quant.qmodel import ModelSpec, QuantizedModel, is_checkpoint
+from d2quant.qmodel import QuantizedModel, is_checkpoint
 from d2quant.sources import load_source
 
 # logs and CI (no terminal) get a table wide enough for the per-layer summary
@@ -95,17 +95,18 @@ def _progress() -> Progress:
 def calibrate(model: str | None, calibration: Calibration, shape=None) -> QuantizedModel:
     """Load the source, make calibration tokens, run the pipeline with progress, print a summary.
 
-    shape: (QuantConfig, ModelSpec) -> QuantConfig, the target's say once the model's spec is known
-    (a GGUF preset's grids), or None.
+    shape: (QuantConfig, Source, tokens) -> QuantConfig, the target's say once the model and its
+    calibration tokens are known (a GGUF preset's grids, or an allocation for a size), or None.
     """
-    ccfg = calibration.data
+    ccfg, qcfg = calibration.data, calibration.quant
     with console.status("loading model"):
         src = load_source(model)
-    qcfg = shape(calibration.quant, src.spec) if shape else calibration.quant
     tokens = None
     if qcfg.method != "rtn":
         with console.status(f"calibration data ({ccfg.calib}: {ccfg.nsamples} x {ccfg.seqlen} tokens)"):
             tokens = calibration_tokens(ccfg, src.model, src.tokenizer, qcfg.torch_device())
+    if shape:
+        qcfg = shape(qcfg, src, tokens)
     with _progress() as prog:
         label = f"{qcfg.method} W{qcfg.bits} g{qcfg.group_size}" if not qcfg.grids else f"{qcfg.method} (preset grids)"
         task = prog.add_task(label, total=src.spec.layers)
@@ -128,7 +129,7 @@ def load_or_calibrate(model: str | None, calibration: Calibration, shape=None) -
 
 def with_grid(bits: int, group_size: int):
     """A ``shape`` for calibrate(): uniform grids of ``bits`` and ``group_size`` (checked once)."""
-    def shape(cfg: QuantConfig, spec: ModelSpec) -> QuantConfig:
+    def shape(cfg: QuantConfig, src, tokens) -> QuantConfig:
         return dataclasses.replace(cfg, bits=bits, group_size=group_size)
     return shape
 

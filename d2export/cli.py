@@ -121,20 +121,33 @@ def gguf(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="GGUF file to write")] = None,
     type_: Annotated[str | None, typer.Option("--type", help="GGUF preset: " + " | ".join(PRESETS)
                                                + f" (default {DEFAULT_PRESET}; a checkpoint keeps its own)")] = None,
+    target_bpw: Annotated[float | None, typer.Option(
+        help="choose every tensor's type for this many bits per weight (all tensors, as llama-quantize counts)")] = None,
+    target_size: Annotated[str | None, typer.Option(help="... or for this file size: 800MB, 1.1GB, 950MiB")] = None,
+    recipe: Annotated[Path | None, typer.Option(
+        help="reapply the tensor types of a GGUF written by d2export (or a JSON recipe)")] = None,
     force: Force = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run llama.cpp parity after writing")] = True,
     save_checkpoint: SaveCheckpoint = None, *, calibration: Calibration,
 ):
-    """Calibrate MODEL onto llama.cpp's native block types of a preset and write a GGUF."""
+    """Calibrate MODEL onto llama.cpp's native block types (a preset, or chosen per tensor for a
+    size) and write a GGUF."""
     from converters.gguf import GGUFTarget, write_gguf
+    from converters.gguf.target import parse_size
 
     from_checkpoint = bool(model and is_checkpoint(model))
-    target = GGUFTarget(type_ or (None if from_checkpoint else DEFAULT_PRESET), force=force)
+    chooses = target_bpw is not None or target_size is not None or recipe is not None
+    target = GGUFTarget(type_ or (None if from_checkpoint or chooses else DEFAULT_PRESET), force=force,
+                        target_bpw=target_bpw, target_size=None if target_size is None else parse_size(target_size),
+                        recipe=None if recipe is None else str(recipe))
     method = calibration.quant.method
-    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{target.preset or 'ckpt'}.gguf")
+    label = target.preset or (f"{target_bpw}bpw" if target_bpw else target_size or ("recipe" if recipe else "ckpt"))
+    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{label}.gguf")
     check_output(output, force)
     _check_checkpoint_dir(save_checkpoint, force)
-    qm = load_or_calibrate(model, calibration, target.quant_config)  # the preset names every grid
+    def shape(cfg, src, tokens):
+        return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
+    qm = load_or_calibrate(model, calibration, shape)  # its recipe (grids) lands in the GGUF metadata
     _save_checkpoint(qm, save_checkpoint, force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -239,6 +252,17 @@ def verify_(
         _report_verify(res)
     if not _passed(res):
         raise typer.Exit(1)
+
+
+def _report_allocation(alloc, spec) -> None:
+    from converters.gguf.allocate import file_bpw
+
+    t = Table(title=f"tensor types for {file_bpw(spec, alloc):.3f} bits per weight")
+    for col in ("tensor", "type", "bytes", "predicted loss"):
+        t.add_column(col, justify="left" if col == "tensor" else "right")
+    for name, kind in alloc.types.items():
+        t.add_row(name, kind.upper(), f"{alloc.nbytes[name]:,}", f"{alloc.loss[name]:.3g}")
+    console.print(t)
 
 
 def _check_checkpoint_dir(path: Path | None, force: bool) -> None:

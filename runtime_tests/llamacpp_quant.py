@@ -19,41 +19,16 @@ from __future__ import annotations
 import torch
 
 from converters.gguf.presets import preset_grids
+from d2quant import sensitivity
 from d2quant.grids import grid_from_spec, round_to_fp16
 from d2quant.qmodel import QuantizedLinear, QuantizedModel
 from d2quant.sources import Source
 from runtime_tests.libggml import quantize_rows
 
-# llama-imatrix collects only tensors under "blk." (decoder layers), not output.weight
-_IMATRIX_SCOPE = "model.layers."
-
-
-@torch.no_grad()
 def collect_importance(src: Source, tokens: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
-    """Mean of squared input activations per column, for every linear of the decoder layers.
-
-    tokens: [n_samples, seqlen] calibration token ids. Returns {linear name: float32 [in_features]}.
-    """
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def record(mod, inp, out):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return record
-
-    model = src.model.eval()
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.startswith(_IMATRIX_SCOPE)]
-    try:
-        for b0 in range(0, tokens.shape[0], batch):
-            model.model(input_ids=tokens[b0:b0 + batch], use_cache=False)  # no lm_head: not collected
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (s / counts[n]).float() for n, s in sums.items()}
+    """What llama-imatrix collects: the mean squared input per column of every linear of the
+    decoder layers ("blk.": not output.weight), on the float model. {linear name: [in_features]}."""
+    return sensitivity.collect_importance(src.model, tokens, batch, scope="model.layers.")
 
 
 def quantize_with_libggml(src: Source, preset: str,

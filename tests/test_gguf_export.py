@@ -370,9 +370,10 @@ _BASE_KIND = {"IQ1_M": "iq1_m", "IQ2_XXS": "iq2_xxs", "IQ2_M": "iq2_s", "IQ3_XXS
 def test_rtn_onto_types_llama_cpp_needs_an_imatrix_for_asks_for_force():
     from converters.gguf import GGUFTarget
     from d2quant.pipeline import QuantConfig
+    from d2quant.sources import Source
 
-    spec = cached_model("llama", "Q8_0").spec
+    src = Source(None, None, cached_model("llama", "Q8_0").spec, {})
     with pytest.raises(D2Error, match="IQ2_XXS without any importance.*--force"):
-        GGUFTarget("IQ2_XXS").quant_config(QuantConfig(method="rtn"), spec)
-    assert GGUFTarget("IQ2_XXS", force=True).quant_config(QuantConfig(method="rtn"), spec).grids
-    assert GGUFTarget("IQ2_XXS").quant_config(QuantConfig(method="gptq"), spec).grids
+        GGUFTarget("IQ2_XXS").quant_config(QuantConfig(method="rtn"), src, None)
+    assert GGUFTarget("IQ2_XXS", force=True).quant_config(QuantConfig(method="rtn"), src, None).grids
+    assert GGUFTarget("IQ2_XXS").quant_config(QuantConfig(method="gptq"), src, None).grids

@@ -1,7 +1,8 @@
 """What `d2export gguf` makes, decided once and checked before any calibration.
 
-The format's policy lives here, not in the CLI or the benchmarks: the preset names every tensor's
-GGML block type; DSQ is calibrated in its dual-scale form (GGUF holds uniform levels only, the
+The format's policy lives here, not in the CLI or the benchmarks: a preset names every tensor's
+GGML block type, or an allocation chooses them for a size (converters.gguf.allocate), or a saved
+recipe gives them; DSQ is calibrated in its dual-scale form (GGUF holds uniform levels only, the
 column scale folds into up_proj); DAC is refused up front for a family whose llama.cpp
 architectures cannot load its ffn biases (converters.gguf.arch).
 """
@@ -9,39 +10,92 @@ architectures cannot load its ffn biases (converters.gguf.arch).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
+import torch
+
+from converters.gguf.allocate import Allocation, allocate, budget, candidates, read_recipe
 from converters.gguf.arch import DAC_FFN_BIASES, LAYOUTS
-from converters.gguf.presets import DEFAULT_PRESET, PRESETS, preset_grids
+from converters.gguf.presets import PRESETS, preset_grids
 from d2quant.errors import D2Error
 from d2quant.grids.ggml import ggml_grid
 from d2quant.pipeline import QuantConfig
 from d2quant.qmodel import ModelSpec
 
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+PROBE_WINDOWS, PROBE_LEN = 2, 256  # calibration tokens the sensitivity probes run on
+
+
+def parse_size(text: str) -> int:
+    """'1.1GB' / '800MiB' / '123456' -> bytes (GB = 10^9, GiB = 2^30)."""
+    m = _SIZE.match(text or "")
+    if not m:
+        raise D2Error(f"--target-size {text!r} is no size; write e.g. 800MB, 1.1GB or 950MiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}.get(unit)
+    if scale is None:
+        raise D2Error(f"--target-size {text!r}: unknown unit {m.group(2)!r}; use B, KB, MB, GB, KiB, MiB or GiB")
+    return int(float(m.group(1)) * scale)
+
 
 @dataclass(frozen=True)
 class GGUFTarget:
-    preset: str | None = DEFAULT_PRESET  # None: a checkpoint is written with the types it holds
+    preset: str | None = None  # a --type; None: the types come from below, or from a checkpoint
     force: bool = False  # also make what llama.cpp refuses to: unweighted rounding onto IQ types
+    target_bpw: float | None = None  # choose every matrix's type for this size (allocate.py)
+    target_size: int | None = None  # ... or this many bytes
+    recipe: str | None = None  # reapply the types of a saved recipe (a d2export GGUF or JSON)
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
             raise D2Error(f"unknown --type {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        chosen = [n for n, v in (("--type", self.preset), ("--target-bpw", self.target_bpw),
+                                 ("--target-size", self.target_size), ("--recipe", self.recipe)) if v is not None]
+        if len(chosen) > 1:
+            raise D2Error(f"{' and '.join(chosen)} each choose the tensor types; pass one of them")
+        if self.target_bpw is not None and not 1.0 <= self.target_bpw <= 16.0:
+            raise D2Error(f"--target-bpw {self.target_bpw} is outside 1..16 bits per weight")
 
-    def quant_config(self, cfg: QuantConfig, spec: ModelSpec) -> QuantConfig:
-        """``cfg`` made to land exactly on this target's grids for a model of ``spec``."""
-        if self.preset is None:
-            raise D2Error("calibrating for GGUF needs a --type preset")
+    @property
+    def allocates(self) -> bool:
+        return self.target_bpw is not None or self.target_size is not None
+
+    def quant_config(self, cfg: QuantConfig, src, tokens: torch.Tensor | None,
+                     on_allocation=None) -> QuantConfig:
+        """``cfg`` made to land exactly on this target's grids for the model ``src``."""
+        spec: ModelSpec = src.spec
         fam = spec.family
         if cfg.uses_dac and not any(DAC_FFN_BIASES <= LAYOUTS[a].optional for a in fam.gguf_archs):
             raise D2Error(f"llama.cpp's {' or '.join(fam.gguf_archs)} architecture cannot hold DAC's ffn "
                           f"biases; pass --no-dac to export {fam.name} to GGUF")
-        if cfg.rotate:  # rotation unties a tied lm_head, so the preset must see the untied model
+        if cfg.rotate:  # rotation unties a tied lm_head, so the types must be chosen for the untied model
             spec = dataclasses.replace(spec, tie_embeddings=False)
-        grids = preset_grids(self.preset, spec)
+        if self.allocates:
+            grids = self._allocate(src, spec, tokens, on_allocation).grids()
+        elif self.recipe is not None:
+            grids = read_recipe(self.recipe, spec)
+        elif self.preset is not None:
+            grids = preset_grids(self.preset, spec)
+        else:
+            raise D2Error("calibrating for GGUF needs --type, --target-bpw, --target-size or --recipe")
         needy = sorted({g["kind"].upper() for g in grids.values() if g and ggml_grid(g["kind"]).needs_imatrix})
         if cfg.method == "rtn" and needy and not self.force:
             raise D2Error(f"--method rtn rounds onto {', '.join(needy)} without any importance, which "
                           "llama.cpp refuses to make (it needs an imatrix); calibrate (--method gptq or "
                           "d2quant), or pass --force to make it anyway")
         return dataclasses.replace(cfg, dsq_form="dual", grids=grids)
+
+    def _allocate(self, src, spec: ModelSpec, tokens, on_allocation) -> Allocation:
+        from d2quant.sensitivity import measure
+
+        if tokens is None:
+            raise D2Error("--target-bpw measures each tensor's sensitivity on calibration data; "
+                          "use --method gptq or d2quant")
+        probe = tokens[:PROBE_WINDOWS, :PROBE_LEN]
+        costs = measure(src.model, tokens, probe, candidates(spec))
+        alloc = allocate(spec, costs, budget(spec, self.target_bpw, self.target_size))
+        if on_allocation:
+            on_allocation(alloc, spec)
+        return alloc

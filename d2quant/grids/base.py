@@ -78,12 +78,14 @@ class Grid(ABC):
     def n_groups(self, n_cols: int) -> int:
         return math.ceil(n_cols / self.group)
 
-    def quantize_matrix(self, w: torch.Tensor) -> tuple[torch.Tensor, Params]:
-        """Round-to-nearest: codes [N, K] and params stacked over groups."""
+    def quantize_matrix(self, w: torch.Tensor,
+                        importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Params]:
+        """Round-to-nearest: codes [N, K] and params stacked over groups (fit with ``importance``
+        [K] per column, like an imatrix, when given)."""
         codes, per_group = [], []
         for g0 in range(0, w.shape[1], self.group):
             blk = w[:, g0:g0 + self.group]
-            p = self.fit(blk)
+            p = self.fit(blk, None if importance is None else importance[g0:g0 + self.group])
             per_group.append(p)
             codes.append(self.quantize(blk, p))
         return torch.cat(codes, 1), stack_params(per_group)
