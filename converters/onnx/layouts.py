@@ -61,8 +61,6 @@ def emit_linear(g: GraphStore, name: str, ql: QuantizedLinear, x: str, *, dsq_la
     if isinstance(ql.grid, UniformGrid):
         return _uniform(g, name, ql, x, bias, accuracy_level, stored)
     if isinstance(ql.grid, ResidualBinaryGrid):
-        if dsq_layout not in DSQ_LAYOUTS:
-            raise D2Error(f"unknown DSQ layout {dsq_layout!r}; choose one of {', '.join(DSQ_LAYOUTS)}")
         return _rbin(g, name, ql, x, bias, dsq_layout, accuracy_level)
     raise D2Error(f"{name}: grid {ql.grid!r} has no ONNX layout; ONNX export carries uniform grids "
                   "(MatMulNBits) and the DSQ residual-binary grid")
