@@ -43,6 +43,9 @@ def _friendly(fn):
 EMBED_BITS = {"float": None, "q4": 4, "q8": 8}
 SaveCheckpoint = Annotated[Path | None, typer.Option(
     help="also keep the calibrated checkpoint here, so `d2export verify` and other exports can reuse it")]
+TargetBpw = Annotated[float | None, typer.Option(
+    help="choose every tensor's storage for this many bits per weight (all tensors, as llama-quantize counts)")]
+TargetSize = Annotated[str | None, typer.Option(help="... or for this file size: 800MB, 1.1GB, 950MiB")]
 
 
 @app.command()
@@ -121,9 +124,8 @@ def gguf(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="GGUF file to write")] = None,
     type_: Annotated[str | None, typer.Option("--type", help="GGUF preset: " + " | ".join(PRESETS)
                                                + f" (default {DEFAULT_PRESET}; a checkpoint keeps its own)")] = None,
-    target_bpw: Annotated[float | None, typer.Option(
-        help="choose every tensor's type for this many bits per weight (all tensors, as llama-quantize counts)")] = None,
-    target_size: Annotated[str | None, typer.Option(help="... or for this file size: 800MB, 1.1GB, 950MiB")] = None,
+    target_bpw: TargetBpw = None,
+    target_size: TargetSize = None,
     recipe: Annotated[Path | None, typer.Option(
         help="reapply the tensor types of a GGUF written by d2export (or a JSON recipe)")] = None,
     force: Force = False,
@@ -133,15 +135,14 @@ def gguf(
     """Calibrate MODEL onto llama.cpp's native block types (a preset, or chosen per tensor for a
     size) and write a GGUF."""
     from converters.gguf import GGUFTarget, write_gguf
-    from converters.gguf.target import parse_size
 
     from_checkpoint = bool(model and is_checkpoint(model))
-    chooses = target_bpw is not None or target_size is not None or recipe is not None
+    size = _size_target(target_bpw, target_size)
+    chooses = size.active or recipe is not None
     target = GGUFTarget(type_ or (None if from_checkpoint or chooses else DEFAULT_PRESET), force=force,
-                        target_bpw=target_bpw, target_size=None if target_size is None else parse_size(target_size),
-                        recipe=None if recipe is None else str(recipe))
+                        size=size, recipe=None if recipe is None else str(recipe))
     method = calibration.quant.method
-    label = target.preset or (f"{target_bpw}bpw" if target_bpw else target_size or ("recipe" if recipe else "ckpt"))
+    label = target.preset or (size.label if size.active else ("recipe" if recipe else "ckpt"))
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{label}.gguf")
     check_output(output, force)
     _check_checkpoint_dir(save_checkpoint, force)
@@ -165,7 +166,8 @@ def gguf(
 def onnx(
     model: ModelArg = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="ONNX folder to write")] = None,
-    bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8 (3-bit codes sit exactly in the 4-bit container)")] = 4,
+    bits: Annotated[int | None, typer.Option(
+        help="2 | 3 | 4 | 8 for every matrix (default 4; 3-bit codes sit exactly in the 4-bit container)")] = None,
     block_size: Annotated[int, typer.Option(help="16 | 32 | 64 | 128 | 256: MatMulNBits block = quantization group")] = 64,
     force: Force = False,
     dsq_layout: Annotated[str, typer.Option(help="how DSQ's residual-binary down_proj is carried: planes | lut")] = "planes",
@@ -173,21 +175,26 @@ def onnx(
     embed: Annotated[str, typer.Option(help="float | q4 | q8: embedding table (and a tied lm_head) in float32 "
                                             "or RTN-quantized at 4/8 bits (GatherBlockQuantized)")] = "float",
     attention: Annotated[str, typer.Option(help="gqa: contrib GroupQueryAttention (faster) | ops: standard ONNX ops")] = "gqa",
+    target_bpw: TargetBpw = None,
+    target_size: TargetSize = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run onnxruntime parity after writing")] = True,
     save_checkpoint: SaveCheckpoint = None, *, calibration: Calibration,
 ):
-    """Calibrate MODEL and write a MatMulNBits decoder with KV cache for stock onnxruntime."""
-    from converters.onnx import ONNXOptions, check_grid, write_onnx
+    """Calibrate MODEL and write a MatMulNBits decoder with KV cache for stock onnxruntime (one
+    width for every matrix, or widths chosen per matrix for a size)."""
+    from converters.onnx import ONNXOptions, ONNXTarget, write_onnx
     from d2quant.pipeline import quantize_embeddings
 
-    check_grid(bits, block_size)
     if embed not in EMBED_BITS:
         raise D2Error(f"unknown --embed {embed!r}; choose one of {', '.join(EMBED_BITS)}")
+    target = ONNXTarget(bits, block_size, EMBED_BITS[embed], _size_target(target_bpw, target_size))
     options = ONNXOptions(dsq_layout, accuracy_level, "float" if embed == "float" else "quantized", attention)
-    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{calibration.quant.method}-w{bits}g{block_size}-onnx")
+    output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{calibration.quant.method}-{target.label}-onnx")
     check_output(output, force)
     _check_checkpoint_dir(save_checkpoint, force)
-    qm = load_or_calibrate(model, calibration, with_grid(bits, block_size))
+    def shape(cfg, src, tokens):
+        return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
+    qm = load_or_calibrate(model, calibration, shape)
     _save_checkpoint(qm, save_checkpoint, force)
     if EMBED_BITS[embed]:
         qm = quantize_embeddings(qm, EMBED_BITS[embed], block_size)
@@ -254,14 +261,18 @@ def verify_(
         raise typer.Exit(1)
 
 
-def _report_allocation(alloc, spec) -> None:
-    from converters.gguf.allocate import file_bpw
+def _size_target(target_bpw: float | None, target_size: str | None):
+    from converters.allocation import SizeTarget, parse_size
 
-    t = Table(title=f"tensor types for {file_bpw(spec, alloc):.3f} bits per weight")
+    return SizeTarget(target_bpw, None if target_size is None else parse_size(target_size))
+
+
+def _report_allocation(alloc) -> None:
+    t = Table(title=f"tensor types for {alloc.bpw:.3f} bits per weight")
     for col in ("tensor", "type", "bytes", "predicted loss"):
         t.add_column(col, justify="left" if col == "tensor" else "right")
-    for name, kind in alloc.types.items():
-        t.add_row(name, kind.upper(), f"{alloc.nbytes[name]:,}", f"{alloc.loss[name]:.3g}")
+    for name, option in alloc.choice.items():
+        t.add_row(name, option.label.upper(), f"{option.nbytes:,}", f"{alloc.loss[name]:.3g}")
     console.print(t)
 
 

@@ -70,6 +70,22 @@ class ModelSpec:
     def family(self) -> type[Family]:
         return family(self.arch)
 
+    def matrix_shapes(self) -> dict[str, tuple[int, int]]:
+        """[N out, K in] of every weight matrix by transformers name (embeddings as [vocab, hidden];
+        a tied lm_head is the embedding table, not a matrix of its own)."""
+        shapes = {"model.embed_tokens": (self.vocab, self.hidden)}
+        per_layer = self.family.linear_shapes(self)
+        for i in range(self.layers):
+            shapes |= {f"model.layers.{i}.{path}": shape for path, shape in per_layer.items()}
+        if not self.tie_embeddings:
+            shapes["lm_head"] = (self.vocab, self.hidden)
+        return shapes
+
+    @property
+    def n_params(self) -> int:
+        """Real parameters: the matrices (tied embeddings once) plus the norm weights."""
+        return sum(n * k for n, k in self.matrix_shapes().values()) + self.family.norm_count(self)
+
     def hf(self):
         from transformers import AutoConfig
 

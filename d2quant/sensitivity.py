@@ -33,7 +33,7 @@ class MatrixCost:
     name: str
     shape: tuple[int, int]
     alpha: float  # KL per unit of weighted error
-    errors: dict[str, float]  # grid kind -> E_t
+    errors: dict[str, float]  # candidate label -> E_t
 
     def loss(self, kind: str) -> float:
         return self.alpha * self.errors[kind]
@@ -66,15 +66,60 @@ def collect_importance(model, tokens: torch.Tensor, batch: int = 8,
     return {n: (s / counts[n]).float() for n, s in sums.items()}
 
 
-def _log_probs(model, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(model(input_ids=tokens, use_cache=False).logits.double(), -1)
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.double(), -1)
+
+
+class _Replay:
+    """The probe tokens' inputs to every decoder layer, captured in one forward, so a perturbed
+    matrix of layer i is scored by running layers i.. only: the layers before it compute what they
+    did unperturbed (about half the probes' cost)."""
+
+    def __init__(self, model, tokens: torch.Tensor):
+        self.model, self.tokens = model, tokens
+        self.layers = model.model.layers
+        self.inputs: list[tuple[tuple, dict]] = []  # per layer, then the final norm's
+        grab = lambda mod, args, kwargs: self.inputs.append((args, kwargs))  # noqa: E731
+        handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in (*self.layers, model.model.norm)]
+        try:
+            self.ref = self.log_probs(None)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def log_probs(self, start: int | None) -> torch.Tensor:
+        """Log-probabilities from decoder layer ``start`` on (None: the whole model; the number of
+        layers: the head alone)."""
+        if start is None:
+            return _log_probs(self.model(input_ids=self.tokens, use_cache=False).logits)
+        args, kwargs = self.inputs[start]
+        h = args[0] if args else kwargs["hidden_states"]
+        for j in range(start, len(self.layers)):
+            a, kw = self.inputs[j]
+            out = self.layers[j](h, *a[1:], **{k: v for k, v in kw.items() if k != "hidden_states"})
+            h = out[0] if isinstance(out, tuple) else out
+        logits = self.model.lm_head(self.model.model.norm(h))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return _log_probs(logits)
+
+
+def _start_layer(name: str, n_layers: int) -> int | None:
+    """Where a perturbed matrix's effect starts: its decoder layer; None for the embedding table
+    (the whole model runs); ``n_layers`` for an untied lm_head (the head alone)."""
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return int(parts[2])
+    return None if name == "model.embed_tokens" else n_layers
 
 
 @torch.no_grad()
 def kl_alphas(model, tokens: torch.Tensor, importance: dict[str, torch.Tensor], names: list[str],
               seed: int = 0) -> dict[str, float]:
     """alpha_t (module doc) for every matrix in ``names`` on ``tokens`` (a few short windows)."""
-    ref = _log_probs(model, tokens)
+    replay = _Replay(model, tokens)
+    ref, ref_p = replay.ref, replay.ref.exp()
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name in names:
@@ -86,10 +131,10 @@ def kl_alphas(model, tokens: torch.Tensor, importance: dict[str, torch.Tensor], 
         saved = w.detach().clone()
         w.add_(noise.to(w.dtype))
         try:
-            lp = _log_probs(model, tokens)
+            lp = replay.log_probs(_start_layer(name, len(replay.layers)))
         finally:
             w.copy_(saved)
-        kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+        kl = float((ref_p * (ref - lp)).sum(-1).mean())
         out[name] = max(kl, 1e-12) / (PROBE_LEVEL * energy)
     return out
 
@@ -104,10 +149,10 @@ def weighted_error(w: torch.Tensor, spec: dict, importance: torch.Tensor) -> flo
 
 
 def measure(model, tokens: torch.Tensor, probe_tokens: torch.Tensor,
-            candidates: dict[str, list[dict | None]], on_matrix=None) -> dict[str, MatrixCost]:
-    """The cost of every candidate for every matrix (``None`` stands for F16: its error is 0).
+            candidates: dict[str, dict[str, dict | None]], on_matrix=None) -> dict[str, MatrixCost]:
+    """The cost of every candidate for every matrix (a ``None`` spec stands for float: error 0).
 
-    model: the float model (left unchanged). candidates: matrix name -> grid specs it may take.
+    model: the float model (left unchanged). candidates: matrix name -> {label: grid spec}.
     """
     imp = collect_importance(model, tokens, scope="")
     head = getattr(model, "lm_head", None)
@@ -123,8 +168,7 @@ def measure(model, tokens: torch.Tensor, probe_tokens: torch.Tensor,
     out = {}
     for i, (name, specs) in enumerate(candidates.items()):
         w = model.get_submodule(name).weight.detach().float()
-        errors = {("float" if s is None else s["kind"]): 0.0 if s is None else weighted_error(w, s, imp[name])
-                  for s in specs}
+        errors = {label: 0.0 if s is None else weighted_error(w, s, imp[name]) for label, s in specs.items()}
         out[name] = MatrixCost(name, tuple(w.shape), alphas[name], errors)
         if on_matrix:
             on_matrix(i + 1, len(candidates))

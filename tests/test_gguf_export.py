@@ -14,7 +14,7 @@ import torch
 
 from converters.gguf import file_bits_per_weight, plan_gguf, preset_grids, preset_types, write_gguf
 from converters.gguf.arch import rope_permutation
-from converters.gguf.presets import preset_size, spec_param_count
+from converters.gguf.presets import preset_size
 from d2quant.errors import D2Error
 from d2quant.grids import UniformGrid, grid_from_spec
 from d2quant.qmodel import ModelSpec, QuantizedLinear, QuantizedModel
@@ -337,7 +337,7 @@ def test_presets_on_padded_smollm2_and_bits_per_weight():
     assert preset_types("Q4_K_S", spec)["model.layers.4.self_attn.v_proj"] == "q4_k"
     q8 = preset_size("Q8_0", spec)
     assert q8.bits_per_weight == pytest.approx(8.5, abs=0.05)  # 34 bytes / 32 weights, norms F32
-    real = spec_param_count(_smollm2_spec())
+    real = _smollm2_spec().n_params
     padded_bpw = preset_size("Q2_K", spec).bits_per_weight
     assert preset_size("Q2_K", spec, real_params=real).bits_per_weight > padded_bpw
 

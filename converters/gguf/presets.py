@@ -151,17 +151,6 @@ def _is_70b(spec: ModelSpec) -> bool:
             and spec.heads != spec.kv_heads)
 
 
-def linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
-    """[N out, K in] of every weight matrix by transformers name (embeddings as [vocab, hidden])."""
-    shapes = {"model.embed_tokens": (spec.vocab, spec.hidden)}
-    per_layer = spec.family.linear_shapes(spec)
-    for i in range(spec.layers):
-        shapes |= {f"model.layers.{i}.{path}": shape for path, shape in per_layer.items()}
-    if not spec.tie_embeddings:
-        shapes["lm_head"] = (spec.vocab, spec.hidden)
-    return shapes
-
-
 def preset_types(preset: str, spec: ModelSpec) -> dict[str, str]:
     """GGML type kind ("q3_k", ..., or FLOAT) of every weight matrix, by transformers name.
 
@@ -174,7 +163,7 @@ def preset_types(preset: str, spec: ModelSpec) -> dict[str, str]:
     gqa = spec.heads // spec.kv_heads
     out: dict[str, str] = {}
     fam = spec.family
-    for name, (_, k) in linear_shapes(spec).items():
+    for name, (_, k) in spec.matrix_shapes().items():
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
         role = fam.role_of(name.split(".", 3)[3]) if layer >= 0 else None
         if name == "lm_head" or (name == "model.embed_tokens" and spec.tie_embeddings):
@@ -214,11 +203,6 @@ def tensor_nbytes(kind: str, n_rows: int, n_cols: int) -> int:
     return n_rows * (n_cols // blk) * nbytes
 
 
-def spec_param_count(spec: ModelSpec) -> int:
-    """Real parameters of the model: matrices (tied embeddings once) plus norm weights."""
-    return sum(n * k for n, k in linear_shapes(spec).values()) + spec.family.norm_count(spec)
-
-
 @dataclass(frozen=True)
 class SizeEstimate:
     nbytes: int  # tensor data bytes, metadata excluded
@@ -233,11 +217,11 @@ def preset_size(preset: str, spec: ModelSpec, real_params: int | None = None) ->
     ``real_params``: divide by this count instead (e.g. the unpadded model's parameters when
     measuring a zero-padded copy), so padded zeros do not lower the reported bits per weight.
     """
-    shapes = linear_shapes(spec)
+    shapes = spec.matrix_shapes()
     types = preset_types(preset, spec)
     nbytes = sum(tensor_nbytes(types[k], *shapes[k]) for k in shapes)
-    nbytes += 4 * (spec_param_count(spec) - sum(n * k for n, k in shapes.values()))
-    n = real_params or spec_param_count(spec)
+    nbytes += 4 * (spec.n_params - sum(n * k for n, k in shapes.values()))
+    n = real_params or spec.n_params
     counts: dict[str, int] = {}
     for t in types.values():
         counts[t] = counts.get(t, 0) + 1

@@ -10,12 +10,12 @@ architectures cannot load its ffn biases (converters.gguf.arch).
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import torch
 
-from converters.gguf.allocate import Allocation, allocate, budget, candidates, read_recipe
+from converters.allocation import Allocation, SizeTarget, choose
+from converters.gguf.allocate import fixed_bytes, options, read_recipe
 from converters.gguf.arch import DAC_FFN_BIASES, LAYOUTS
 from converters.gguf.presets import PRESETS, preset_grids
 from d2quant.errors import D2Error
@@ -23,44 +23,20 @@ from d2quant.grids.ggml import ggml_grid
 from d2quant.pipeline import QuantConfig
 from d2quant.qmodel import ModelSpec
 
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
-PROBE_WINDOWS, PROBE_LEN = 2, 256  # calibration tokens the sensitivity probes run on
-
-
-def parse_size(text: str) -> int:
-    """'1.1GB' / '800MiB' / '123456' -> bytes (GB = 10^9, GiB = 2^30)."""
-    m = _SIZE.match(text or "")
-    if not m:
-        raise D2Error(f"--target-size {text!r} is no size; write e.g. 800MB, 1.1GB or 950MiB")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}.get(unit)
-    if scale is None:
-        raise D2Error(f"--target-size {text!r}: unknown unit {m.group(2)!r}; use B, KB, MB, GB, KiB, MiB or GiB")
-    return int(float(m.group(1)) * scale)
-
-
 @dataclass(frozen=True)
 class GGUFTarget:
     preset: str | None = None  # a --type; None: the types come from below, or from a checkpoint
     force: bool = False  # also make what llama.cpp refuses to: unweighted rounding onto IQ types
-    target_bpw: float | None = None  # choose every matrix's type for this size (allocate.py)
-    target_size: int | None = None  # ... or this many bytes
+    size: SizeTarget = SizeTarget()  # choose every matrix's type for this size (converters.allocation)
     recipe: str | None = None  # reapply the types of a saved recipe (a d2export GGUF or JSON)
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
             raise D2Error(f"unknown --type {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        chosen = [n for n, v in (("--type", self.preset), ("--target-bpw", self.target_bpw),
-                                 ("--target-size", self.target_size), ("--recipe", self.recipe)) if v is not None]
+        chosen = [n for n, v in (("--type", self.preset), ("--target-bpw", self.size.target_bpw),
+                                 ("--target-size", self.size.target_size), ("--recipe", self.recipe)) if v is not None]
         if len(chosen) > 1:
             raise D2Error(f"{' and '.join(chosen)} each choose the tensor types; pass one of them")
-        if self.target_bpw is not None and not 1.0 <= self.target_bpw <= 16.0:
-            raise D2Error(f"--target-bpw {self.target_bpw} is outside 1..16 bits per weight")
-
-    @property
-    def allocates(self) -> bool:
-        return self.target_bpw is not None or self.target_size is not None
 
     def quant_config(self, cfg: QuantConfig, src, tokens: torch.Tensor | None,
                      on_allocation=None) -> QuantConfig:
@@ -72,7 +48,7 @@ class GGUFTarget:
                           f"biases; pass --no-dac to export {fam.name} to GGUF")
         if cfg.rotate:  # rotation unties a tied lm_head, so the types must be chosen for the untied model
             spec = dataclasses.replace(spec, tie_embeddings=False)
-        if self.allocates:
+        if self.size.active:
             grids = self._allocate(src, spec, tokens, on_allocation).grids()
         elif self.recipe is not None:
             grids = read_recipe(self.recipe, spec)
@@ -88,14 +64,7 @@ class GGUFTarget:
         return dataclasses.replace(cfg, dsq_form="dual", grids=grids)
 
     def _allocate(self, src, spec: ModelSpec, tokens, on_allocation) -> Allocation:
-        from d2quant.sensitivity import measure
-
-        if tokens is None:
-            raise D2Error("--target-bpw measures each tensor's sensitivity on calibration data; "
-                          "use --method gptq or d2quant")
-        probe = tokens[:PROBE_WINDOWS, :PROBE_LEN]
-        costs = measure(src.model, tokens, probe, candidates(spec))
-        alloc = allocate(spec, costs, budget(spec, self.target_bpw, self.target_size))
+        alloc = choose(src.model, tokens, options(spec), self.size, fixed_bytes(spec), spec.n_params)
         if on_allocation:
-            on_allocation(alloc, spec)
+            on_allocation(alloc)
         return alloc

@@ -63,6 +63,12 @@ def rope_caches(qm: QuantizedModel) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def rope_cache_nbytes(spec) -> int:
+    """File bytes of the tables rope_caches gives: float32 cos and sin per layer type."""
+    n_types = len(dict.fromkeys(spec.family.layer_types(spec.hf_config, spec.layers)))
+    return n_types * 2 * spec.max_positions * (spec.head_dim // 2) * 4
+
+
 def _rope_parameter_sets(cfg: dict) -> list[dict]:
     rp = cfg.get("rope_parameters") or {}
     nested = [v for v in rp.values() if isinstance(v, dict)]  # per layer type (Gemma 3)

@@ -30,6 +30,14 @@ def check_block_size(block_size: int) -> None:
                       f"got group size {block_size}")
 
 
+def matmulnbits_nbytes(n: int, k: int, bits: int, block_size: int) -> int:
+    """File bytes of an [N, K] matrix in MatMulNBits' layout: B, fp16 scales (every grid here rounds
+    them to fp16) and packed zero points, as pack_codes / pack_zero_points / layouts._scales store them."""
+    cb = container_bits(bits)
+    n_blocks = -(-k // block_size)
+    return n * (n_blocks * block_size * cb // 8 + 2 * n_blocks + -(-n_blocks * cb // 8))
+
+
 def _pack_last_axis(values: np.ndarray, bits: int) -> np.ndarray:
     """[..., n] small ints (n a multiple of 8 / bits) -> uint8 [..., n * bits / 8], LSB first."""
     per_byte = 8 // bits

@@ -1,13 +1,20 @@
 """What `d2export onnx` makes, validated once (before any calibration, and by the writer itself):
-the MatMulNBits container a grid needs, and the graph's options."""
+the MatMulNBits container a grid needs, the grids the calibration lands on (one width, or widths
+chosen per matrix for a size) and the graph's options."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from converters.allocation import SizeTarget, choose
+from converters.onnx.allocate import fixed_bytes, options
 from converters.onnx.layouts import DSQ_LAYOUTS
 from converters.onnx.packing import check_block_size, container_bits
 from d2quant.errors import D2Error
+from d2quant.pipeline import QuantConfig
+
+DEFAULT_BITS = 4
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 EMBED_MODES = ("float", "quantized")
@@ -18,6 +25,40 @@ def check_grid(bits: int, block_size: int) -> None:
     """A uniform grid of ``bits`` and group ``block_size`` has a MatMulNBits form."""
     container_bits(bits)
     check_block_size(block_size)
+
+
+@dataclass(frozen=True)
+class ONNXTarget:
+    """The grids of the decoder's matrices: ``bits`` for all, or chosen per matrix for ``size``."""
+
+    bits: int | None = None  # None: DEFAULT_BITS, unless the size chooses
+    block_size: int = 64
+    embed_bits: int | None = None  # what --embed stores the table as (its bytes count in the size)
+    size: SizeTarget = SizeTarget()
+
+    def __post_init__(self):
+        if self.bits is not None and self.size.active:
+            raise D2Error("--bits and --target-bpw/--target-size each choose the matrices' widths; pass one of them")
+        check_grid(self.bits or DEFAULT_BITS, self.block_size)
+
+    @property
+    def label(self) -> str:
+        return self.size.label if self.size.active else f"w{self.bits or DEFAULT_BITS}g{self.block_size}"
+
+    def quant_config(self, cfg: QuantConfig, src, tokens, on_allocation=None) -> QuantConfig:
+        """``cfg`` made to land on this target's grids for the model ``src``."""
+        cfg = dataclasses.replace(cfg, bits=self.bits or DEFAULT_BITS, group_size=self.block_size)
+        if not self.size.active:
+            return cfg
+        spec = src.spec
+        if cfg.rotate:  # rotation unties a tied lm_head, which then is a matrix to choose for
+            spec = dataclasses.replace(spec, tie_embeddings=False)
+        alloc = choose(src.model, tokens, options(spec, self.block_size), self.size,
+                       fixed_bytes(spec, self.block_size, self.embed_bits), spec.n_params)
+        if on_allocation:
+            on_allocation(alloc)
+        # DSQ's dual form keeps down_proj on its chosen uniform grid (the column scale folds into up_proj)
+        return dataclasses.replace(cfg, dsq_form="dual", grids=alloc.grids())
 
 
 @dataclass(frozen=True)
