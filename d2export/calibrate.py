@@ -92,15 +92,19 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
-def calibrate(model: str | None, calibration: Calibration, shape=None) -> QuantizedModel:
+def calibrate(model: str | None, calibration: Calibration, shape=None, check=None) -> QuantizedModel:
     """Load the source, make calibration tokens, run the pipeline with progress, print a summary.
 
     shape: (QuantConfig, Source, tokens) -> QuantConfig, the target's say once the model and its
     calibration tokens are known (a GGUF preset's grids, or an allocation for a size), or None.
+    check: (QuantConfig, Source) -> None, the target's refusals once the model is loaded, before
+    the calibration tokens are made (a size out of reach, an architecture that cannot hold DAC).
     """
     ccfg, qcfg = calibration.data, calibration.quant
     with console.status("loading model"):
         src = load_source(model)
+    if check:
+        check(qcfg, src)
     tokens = None
     if qcfg.method != "rtn":
         with console.status(f"calibration data ({ccfg.calib}: {ccfg.nsamples} x {ccfg.seqlen} tokens)"):
@@ -121,10 +125,10 @@ def calibrate(model: str | None, calibration: Calibration, shape=None) -> Quanti
     return qm
 
 
-def load_or_calibrate(model: str | None, calibration: Calibration, shape=None) -> QuantizedModel:
+def load_or_calibrate(model: str | None, calibration: Calibration, shape=None, check=None) -> QuantizedModel:
     if model and is_checkpoint(model):
         return QuantizedModel.load(model)
-    return calibrate(model, calibration, shape)
+    return calibrate(model, calibration, shape, check)
 
 
 def with_grid(bits: int, group_size: int):

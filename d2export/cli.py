@@ -148,7 +148,7 @@ def gguf(
     _check_checkpoint_dir(save_checkpoint, force)
     def shape(cfg, src, tokens):
         return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
-    qm = load_or_calibrate(model, calibration, shape)  # its recipe (grids) lands in the GGUF metadata
+    qm = load_or_calibrate(model, calibration, shape, target.check)  # its recipe (grids) lands in the GGUF metadata
     _save_checkpoint(qm, save_checkpoint, force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -194,7 +194,7 @@ def onnx(
     _check_checkpoint_dir(save_checkpoint, force)
     def shape(cfg, src, tokens):
         return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
-    qm = load_or_calibrate(model, calibration, shape)
+    qm = load_or_calibrate(model, calibration, shape, target.check)
     _save_checkpoint(qm, save_checkpoint, force)
     if EMBED_BITS[embed]:
         qm = quantize_embeddings(qm, EMBED_BITS[embed], block_size)

@@ -138,7 +138,7 @@ def test_matmulnbits_bytes_are_what_the_writer_stores(tmp_path):
         assert matmulnbits_nbytes(n, k, bits, block) == stored
 
 
-def test_onnx_target_bpw_mixes_widths_and_passes_onnxruntime_parity(tiny_hf_dir, tmp_path):
+def test_onnx_target_bpw_mixes_widths_and_passes_onnxruntime_parity(tiny_hf_dir, tmp_path, monkeypatch):
     import onnx
 
     from converters.onnx import MODEL_FILE, read_metadata
@@ -160,10 +160,17 @@ def test_onnx_target_bpw_mixes_widths_and_passes_onnxruntime_parity(tiny_hf_dir,
                 matmulnbits_nbytes(m["N"], m["K"], m["bits"], m["block_size"])
     bpw = float(r.output.split("tensor types for ")[1].split()[0])
     assert bpw <= 9.0
-    r = runner.invoke(app, [str(a) for a in ("onnx", tiny_hf_dir, "-o", tmp_path / "p", "--target-bpw", "1.5",
-                                             "--method", "gptq", *CAL)])
-    assert r.exit_code != 0 and "below what the smallest types give: reachable" in r.output
-    assert not (tmp_path / "p").exists()
+    import d2export.calibrate
+
+    def no_tokens(*a, **k):
+        raise AssertionError("calibration tokens were made for a size out of reach")
+
+    monkeypatch.setattr(d2export.calibrate, "calibration_tokens", no_tokens)
+    for cmd in ("onnx", "gguf"):  # refused as soon as the model is loaded
+        r = runner.invoke(app, [str(a) for a in (cmd, tiny_hf_dir, "-o", tmp_path / f"p-{cmd}", "--target-bpw",
+                                                 "1.5", "--method", "gptq", *CAL)])
+        assert r.exit_code == 2 and "below what the smallest types give: reachable" in r.output, r.output
+        assert not (tmp_path / f"p-{cmd}").exists()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "phi3"])

@@ -377,3 +377,22 @@ def test_rtn_onto_types_llama_cpp_needs_an_imatrix_for_asks_for_force():
         GGUFTarget("IQ2_XXS").quant_config(QuantConfig(method="rtn"), src, None)
     assert GGUFTarget("IQ2_XXS", force=True).quant_config(QuantConfig(method="rtn"), src, None).grids
     assert GGUFTarget("IQ2_XXS").quant_config(QuantConfig(method="gptq"), src, None).grids
+
+
+def test_dac_is_refused_up_front_where_llama_cpp_cannot_hold_its_biases():
+    """qwen3 / gemma3 / phi3's llama.cpp architectures take no ffn biases: D²Quant with DAC is
+    refused once the model is loaded, before any calibration token is made; --no-dac passes."""
+    from types import SimpleNamespace
+
+    from converters.gguf import GGUFTarget
+    from d2quant.pipeline import QuantConfig
+    from d2quant.qmodel import ModelSpec
+    from tests.conftest import tiny_model
+
+    for arch in ("qwen3", "gemma3", "phi3"):
+        src = SimpleNamespace(spec=ModelSpec.from_hf_config(tiny_model(arch).config))
+        with pytest.raises(D2Error, match="cannot hold DAC's ffn biases; pass --no-dac"):
+            GGUFTarget("Q4_K_M").check(QuantConfig(method="d2quant"), src)
+        GGUFTarget("Q4_K_M").check(QuantConfig(method="d2quant", dac=False), src)
+    llama = SimpleNamespace(spec=ModelSpec.from_hf_config(tiny_model("llama").config))
+    GGUFTarget("Q4_K_M").check(QuantConfig(method="d2quant"), llama)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from converters.allocation import Allocation, SizeTarget, choose
+from converters.allocation import Allocation, SizeTarget, check_reachable, choose
 from converters.gguf.allocate import fixed_bytes, options, read_recipe
 from converters.gguf.arch import DAC_FFN_BIASES, LAYOUTS
 from converters.gguf.presets import PRESETS, preset_grids
@@ -38,16 +38,26 @@ class GGUFTarget:
         if len(chosen) > 1:
             raise D2Error(f"{' and '.join(chosen)} each choose the tensor types; pass one of them")
 
-    def quant_config(self, cfg: QuantConfig, src, tokens: torch.Tensor | None,
-                     on_allocation=None) -> QuantConfig:
-        """``cfg`` made to land exactly on this target's grids for the model ``src``."""
-        spec: ModelSpec = src.spec
+    def _model_spec(self, cfg: QuantConfig, spec: ModelSpec) -> ModelSpec:
+        """The model as the file will hold it; refuses what cannot be made (before any calibration)."""
         fam = spec.family
         if cfg.uses_dac and not any(DAC_FFN_BIASES <= LAYOUTS[a].optional for a in fam.gguf_archs):
             raise D2Error(f"llama.cpp's {' or '.join(fam.gguf_archs)} architecture cannot hold DAC's ffn "
                           f"biases; pass --no-dac to export {fam.name} to GGUF")
         if cfg.rotate:  # rotation unties a tied lm_head, so the types must be chosen for the untied model
             spec = dataclasses.replace(spec, tie_embeddings=False)
+        if self.size.active:
+            check_reachable(options(spec), self.size, fixed_bytes(spec), spec.n_params)
+        return spec
+
+    def check(self, cfg: QuantConfig, src) -> None:
+        """What can be refused once the model is loaded, before calibration tokens are made."""
+        self._model_spec(cfg, src.spec)
+
+    def quant_config(self, cfg: QuantConfig, src, tokens: torch.Tensor | None,
+                     on_allocation=None) -> QuantConfig:
+        """``cfg`` made to land exactly on this target's grids for the model ``src``."""
+        spec = self._model_spec(cfg, src.spec)
         if self.size.active:
             grids = self._allocate(src, spec, tokens, on_allocation).grids()
         elif self.recipe is not None:

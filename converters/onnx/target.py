@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from converters.allocation import SizeTarget, choose
+from converters.allocation import SizeTarget, check_reachable, choose
 from converters.onnx.allocate import fixed_bytes, options
 from converters.onnx.layouts import DSQ_LAYOUTS
 from converters.onnx.packing import check_block_size, container_bits
@@ -45,14 +45,25 @@ class ONNXTarget:
     def label(self) -> str:
         return self.size.label if self.size.active else f"w{self.bits or DEFAULT_BITS}g{self.block_size}"
 
+    def _model_spec(self, cfg: QuantConfig, spec):
+        """The model as the graph will hold it; a size out of reach is refused before any calibration."""
+        if cfg.rotate:  # rotation unties a tied lm_head, which then is a matrix to choose for
+            spec = dataclasses.replace(spec, tie_embeddings=False)
+        if self.size.active:
+            check_reachable(options(spec, self.block_size), self.size,
+                            fixed_bytes(spec, self.block_size, self.embed_bits), spec.n_params)
+        return spec
+
+    def check(self, cfg: QuantConfig, src) -> None:
+        """What can be refused once the model is loaded, before calibration tokens are made."""
+        self._model_spec(cfg, src.spec)
+
     def quant_config(self, cfg: QuantConfig, src, tokens, on_allocation=None) -> QuantConfig:
         """``cfg`` made to land on this target's grids for the model ``src``."""
         cfg = dataclasses.replace(cfg, bits=self.bits or DEFAULT_BITS, group_size=self.block_size)
         if not self.size.active:
             return cfg
-        spec = src.spec
-        if cfg.rotate:  # rotation unties a tied lm_head, which then is a matrix to choose for
-            spec = dataclasses.replace(spec, tie_embeddings=False)
+        spec = self._model_spec(cfg, src.spec)
         alloc = choose(src.model, tokens, options(spec, self.block_size), self.size,
                        fixed_bytes(spec, self.block_size, self.embed_bits), spec.n_params)
         if on_allocation:
