@@ -152,14 +152,17 @@ def allocate(options: dict[str, list[Option]], costs: dict, target: SizeTarget, 
 
 
 def choose(model, tokens, options: dict[str, list[Option]], target: SizeTarget, fixed: int,
-           n_params: int) -> Allocation:
-    """Measure every option's cost on the calibration tokens, then allocate for ``target``."""
+           n_params: int, on_allocation=None) -> Allocation:
+    """Measure every option's cost on the calibration tokens, then allocate for ``target`` (the
+    targets have checked it is reachable when the model was loaded); ``on_allocation`` sees it."""
     from d2quant.sensitivity import measure
 
     if tokens is None:
         raise D2Error("--target-bpw measures each tensor's sensitivity on calibration data; "
                       "use --method gptq or d2quant")
-    check_reachable(options, target, fixed, n_params)
     costs = measure(model, tokens, tokens[:PROBE_WINDOWS, :PROBE_LEN],
                     {n: {o.label: o.spec for o in opts} for n, opts in options.items()})
-    return allocate(options, costs, target, fixed, n_params)
+    alloc = allocate(options, costs, target, fixed, n_params)
+    if on_allocation:
+        on_allocation(alloc)
+    return alloc

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from converters.allocation import Allocation, SizeTarget, check_reachable, choose
+from converters.allocation import SizeTarget, check_reachable, choose
 from converters.gguf.allocate import fixed_bytes, options, read_recipe
 from converters.gguf.arch import DAC_FFN_BIASES, LAYOUTS
 from converters.gguf.presets import PRESETS, preset_grids
@@ -22,6 +22,7 @@ from d2quant.errors import D2Error
 from d2quant.grids.ggml import ggml_grid
 from d2quant.pipeline import QuantConfig
 from d2quant.qmodel import ModelSpec
+
 
 @dataclass(frozen=True)
 class GGUFTarget:
@@ -59,7 +60,8 @@ class GGUFTarget:
         """``cfg`` made to land exactly on this target's grids for the model ``src``."""
         spec = self._model_spec(cfg, src.spec)
         if self.size.active:
-            grids = self._allocate(src, spec, tokens, on_allocation).grids()
+            grids = choose(src.model, tokens, options(spec), self.size, fixed_bytes(spec), spec.n_params,
+                           on_allocation).grids()
         elif self.recipe is not None:
             grids = read_recipe(self.recipe, spec)
         elif self.preset is not None:
@@ -72,9 +74,3 @@ class GGUFTarget:
                           "llama.cpp refuses to make (it needs an imatrix); calibrate (--method gptq or "
                           "d2quant), or pass --force to make it anyway")
         return dataclasses.replace(cfg, dsq_form="dual", grids=grids)
-
-    def _allocate(self, src, spec: ModelSpec, tokens, on_allocation) -> Allocation:
-        alloc = choose(src.model, tokens, options(spec), self.size, fixed_bytes(spec), spec.n_params)
-        if on_allocation:
-            on_allocation(alloc)
-        return alloc

@@ -65,9 +65,7 @@ class ONNXTarget:
             return cfg
         spec = self._model_spec(cfg, src.spec)
         alloc = choose(src.model, tokens, options(spec, self.block_size), self.size,
-                       fixed_bytes(spec, self.block_size, self.embed_bits), spec.n_params)
-        if on_allocation:
-            on_allocation(alloc)
+                       fixed_bytes(spec, self.block_size, self.embed_bits), spec.n_params, on_allocation)
         # DSQ's dual form keeps down_proj on its chosen uniform grid (the column scale folds into up_proj)
         return dataclasses.replace(cfg, dsq_form="dual", grids=alloc.grids())
 
