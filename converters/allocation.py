@@ -125,6 +125,13 @@ def solve(options: dict[str, list[tuple[str, int, float]]], budget_bytes: int) -
     return out
 
 
+def check_resident(src) -> None:
+    """The sensitivity probes replay the whole model in memory."""
+    if src.weights.streams:
+        raise D2Error("--target-bpw / --target-size measure every tensor's sensitivity on the whole model "
+                      "in memory; drop --stream, or give a --type")
+
+
 def check_reachable(options: dict[str, list[Option]], target: SizeTarget, fixed: int, n_params: int) -> int:
     """The matrices' byte budget for ``target``, or the reachable range as an error (known from
     the bytes alone, so it is checked before any cost is measured)."""

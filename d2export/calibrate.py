@@ -7,12 +7,16 @@ once (QuantConfig and CalibConfig check their own fields).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
+import shutil
 import sys
+import tempfile
 import typing
 from dataclasses import dataclass
 from functools import wraps
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,7 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from d2quant.checkpoint import CheckpointWriter, fingerprint
 from d2quant.data import CalibConfig, calibration_tokens
+from d2quant.errors import D2Error
 from d2quant.pipeline import QuantConfig, quantize
 from d2quant.qmodel import QuantizedModel, is_checkpoint
 from d2quant.sources import load_source
@@ -55,6 +61,11 @@ CALIBRATION_OPTIONS = {
     "act_order": (typer.Option("--act-order/--no-act-order",
                                help="GPTQ visits columns by decreasing input energy (static groups)"),
                   _Q.act_order, "quant"),
+    "stream": (typer.Option("--stream/--no-stream",
+                            help="read the weights one layer at a time from the safetensors (RAM: about one layer)"),
+               _Q.stream, "quant"),
+    "offload": (typer.Option(help="where calibration activations live: auto (device while they fit) | cpu | disk"),
+                _Q.offload, "quant"),
 }
 
 
@@ -92,17 +103,22 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
-def calibrate(model: str | None, calibration: Calibration, shape=None, check=None) -> QuantizedModel:
+def calibrate(model: str | None, calibration: Calibration, shape=None, check=None, *,
+              checkpoint: Path | None = None, resume: bool = False, force: bool = False) -> QuantizedModel:
     """Load the source, make calibration tokens, run the pipeline with progress, print a summary.
 
     shape: (QuantConfig, Source, tokens) -> QuantConfig, the target's say once the model and its
     calibration tokens are known (a GGUF preset's grids, or an allocation for a size), or None.
     check: (QuantConfig, Source) -> None, the target's refusals once the model is loaded, before
     the calibration tokens are made (a size out of reach, an architecture that cannot hold DAC).
+    checkpoint: written layer by layer as calibration goes (``resume``: continue an interrupted one).
     """
     ccfg, qcfg = calibration.data, calibration.quant
+    if qcfg.stream and ccfg.calib in ("self", "self-chat"):
+        raise D2Error(f"--calib {ccfg.calib} generates text with the whole model; give a text file "
+                      "(or hf:NAME) with --stream, or drop --stream")
     with console.status("loading model"):
-        src = load_source(model)
+        src = load_source(model, stream=qcfg.stream)
     if check:
         check(qcfg, src)
     tokens = None
@@ -111,24 +127,40 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
             tokens = calibration_tokens(ccfg, src.model, src.tokenizer, qcfg.torch_device())
     if shape:
         qcfg = shape(qcfg, src, tokens)
+    recipe = {**dataclasses.asdict(qcfg), "calibration": dataclasses.asdict(ccfg)}
+    sink = None
+    if checkpoint is not None:
+        sink = CheckpointWriter(checkpoint, fingerprint(recipe, src.spec, src.info, tokens),
+                                resume=resume, force=force)
+        if sink.done:
+            console.print(f"resuming {sink.partial} after layer {sink.done}/{src.spec.layers}")
     with _progress() as prog:
         label = f"{qcfg.method} W{qcfg.bits} g{qcfg.group_size}" if not qcfg.grids else f"{qcfg.method} (preset grids)"
-        task = prog.add_task(label, total=src.spec.layers)
+        task = prog.add_task(label, total=src.spec.layers, completed=sink.done if sink else 0)
 
         def on_layer(i: int, stats: dict) -> None:
             prog.advance(task)
             if not console.is_terminal:  # logs and CI get one line per layer instead of a live bar
                 console.print(f"layer {i + 1}/{src.spec.layers} {stats['seconds']:.1f} s", highlight=False)
-        qm = quantize(src, tokens, qcfg, on_layer=on_layer)
-    qm.recipe["calibration"] = dataclasses.asdict(ccfg)
+        qm = quantize(src, tokens, qcfg, on_layer=on_layer, sink=sink, recipe=recipe)
     print_summary(qm)
     return qm
 
 
-def load_or_calibrate(model: str | None, calibration: Calibration, shape=None, check=None) -> QuantizedModel:
+def load_or_calibrate(model: str | None, calibration: Calibration, shape=None, check=None, *,
+                      checkpoint: Path | None = None, force: bool = False) -> QuantizedModel:
+    """A checkpoint as it is, or a fresh calibration; ``checkpoint``: also kept there. A streamed
+    calibration always goes through a checkpoint on disk (a temporary one without ``checkpoint``),
+    so that no more than a layer of codes is ever held in memory."""
     if model and is_checkpoint(model):
-        return QuantizedModel.load(model)
-    return calibrate(model, calibration, shape, check)
+        qm = QuantizedModel.load(model)
+        if checkpoint is not None:
+            qm.save(checkpoint, force=force)
+        return qm
+    if checkpoint is None and calibration.quant.stream:
+        checkpoint = Path(tempfile.mkdtemp(prefix="d2export-ckpt-")) / "ckpt"
+        atexit.register(shutil.rmtree, checkpoint.parent, True)
+    return calibrate(model, calibration, shape, check, checkpoint=checkpoint, force=force)
 
 
 def with_grid(bits: int, group_size: int):
@@ -152,5 +184,7 @@ def print_summary(qm: QuantizedModel) -> None:
                   f"{s['dac_shift']:.3f}" if "dac_shift" in s else "-", f"{s['seconds']:.1f}")
     console.print(t)
     extra = f", final-norm DAC shift {rep['final_dac_shift']:.4f}" if "final_dac_shift" in rep else ""
+    if off := rep.get("offload"):
+        console.print(f"activations kept on {off['where']} ({off['gib']} GiB: {off['why']})", highlight=False)
     console.print(f"[bold]time {rep.get('seconds')} s, peak memory {rep.get('peak_mem_mb')} MiB{extra}[/] "
                   "(errors: Hessian-weighted relative squared error per linear)")

@@ -56,13 +56,14 @@ def quantize(
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint directory to write")] = Path("d2quant-ckpt"),
     bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8")] = 3,
     group_size: Annotated[int, typer.Option(help="weights per quantization group along the input")] = 64,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUTPUT.partial")] = False,
     force: Force = False, *, calibration: Calibration,
 ):
-    """Calibrate MODEL and save a quantized checkpoint (codes + grid params + folded biases)."""
+    """Calibrate MODEL and save a quantized checkpoint (codes + grid params + folded biases),
+    written layer by layer as calibration goes."""
     check_output(output, force)
     dataclasses.replace(calibration.quant, bits=bits, group_size=group_size)  # refuse bad values now
-    qm = calibrate(model, calibration, with_grid(bits, group_size))
-    qm.save(output, force=force)
+    calibrate(model, calibration, with_grid(bits, group_size), checkpoint=output, resume=resume, force=force)
     console.print(f"saved checkpoint to [bold]{output}[/]")
 
 
@@ -148,8 +149,9 @@ def gguf(
     _check_checkpoint_dir(save_checkpoint, force)
     def shape(cfg, src, tokens):
         return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
-    qm = load_or_calibrate(model, calibration, shape, target.check)  # its recipe (grids) lands in the GGUF metadata
-    _save_checkpoint(qm, save_checkpoint, force)
+    # its recipe (grids) lands in the GGUF metadata
+    qm = load_or_calibrate(model, calibration, shape, target.check, checkpoint=save_checkpoint, force=force)
+    _saved(save_checkpoint)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         write_gguf(qm, output, force=force, preset=target.preset)
@@ -194,8 +196,8 @@ def onnx(
     _check_checkpoint_dir(save_checkpoint, force)
     def shape(cfg, src, tokens):
         return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
-    qm = load_or_calibrate(model, calibration, shape, target.check)
-    _save_checkpoint(qm, save_checkpoint, force)
+    qm = load_or_calibrate(model, calibration, shape, target.check, checkpoint=save_checkpoint, force=force)
+    _saved(save_checkpoint)
     if EMBED_BITS[embed]:
         qm = quantize_embeddings(qm, EMBED_BITS[embed], block_size)
     with console.status("writing ONNX"):
@@ -282,9 +284,8 @@ def _check_checkpoint_dir(path: Path | None, force: bool) -> None:
         check_output(path, force)
 
 
-def _save_checkpoint(qm, path: Path | None, force: bool) -> None:
+def _saved(path: Path | None) -> None:
     if path is not None:
-        qm.save(path, force=force)
         console.print(f"saved checkpoint to [bold]{path}[/]")
 
 

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 
 from d2quant import rotation
+from d2quant.activations import OFFLOADS, Activations, plan_offload
+from d2quant.checkpoint import CheckpointWriter
 from d2quant.errors import D2Error
 from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
                            round_to_fp16, strip_col_scale)
@@ -52,6 +54,9 @@ class QuantConfig:
     act_order: bool = True
     device: str = "auto"
     batch: int = 8  # calibration samples per forward
+    # read the source's weights one decoder layer at a time (d2quant.weights) instead of whole
+    stream: bool = False
+    offload: str = "auto"  # where activations live: auto | cpu | disk (d2quant.activations)
     # per-tensor grid specs by linear name (GGUF presets); None keeps that tensor in float (F16)
     grids: dict[str, dict | None] = field(default_factory=dict)
 
@@ -69,6 +74,10 @@ class QuantConfig:
             raise D2Error(f"--shrink must lie in 0..1 (1: the diagonal only, as an imatrix), got {self.shrink}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise D2Error(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.offload not in OFFLOADS:
+            raise D2Error(f"--offload must be one of {', '.join(OFFLOADS)}, got {self.offload!r}")
+        if self.stream and self.rotate:
+            raise D2Error("--rotate rotates the whole model before calibration; drop --stream (or --rotate)")
 
     @property
     def uses_dsq(self) -> bool:
@@ -142,13 +151,22 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 class Calibrator:
-    def __init__(self, src: Source, cfg: QuantConfig, on_layer: Callable[[int, dict], None] | None):
-        self.src, self.cfg = src, cfg
+    def __init__(self, src: Source, cfg: QuantConfig, on_layer: Callable[[int, dict], None] | None,
+                 sink: CheckpointWriter | None = None, recipe: dict | None = None):
+        self.src, self.cfg, self.sink = src, cfg, sink
+        self.recipe = recipe or asdict(cfg)
         self.family = src.spec.family
         self.model = src.model
+        self.weights = src.weights
+        if cfg.stream and not self.weights.streams:
+            raise D2Error("--stream reads a model's safetensors, but this source is held in memory "
+                          "(a padded model, or one built in code); drop --stream")
         self.dev = cfg.torch_device()
         self.on_layer = on_layer or (lambda i, s: None)
         self.linears: dict[str, QuantizedLinear] = {}
+        self.floats: dict[str, torch.Tensor] = {}  # tensors kept in float, by name
+        # the model's parameter names in its own order (a tied lm_head once, as the embeddings)
+        self.order = [n for n, _ in self.model.named_parameters()]
         self.report: dict = {"layers": []}
 
     # ---- one linear ----------------------------------------------------------------------
@@ -204,7 +222,7 @@ class Calibrator:
 
     # ---- one decoder layer ----------------------------------------------------------------
     @torch.no_grad()
-    def _layer(self, i: int, layer, x: list[torch.Tensor], pe, mask) -> tuple[list[torch.Tensor], dict]:
+    def _layer(self, i: int, layer, x: Activations, pe, mask) -> tuple[Activations, dict]:
         t0 = time.time()
         p, fam, cfg = f"model.layers.{i}.", self.family, self.cfg
         attn, mlp = layer.self_attn, layer.mlp
@@ -212,7 +230,7 @@ class Calibrator:
         n1, n2 = layer.get_submodule(fam.attn_norm), layer.get_submodule(fam.mlp_norm)
         post_attn = layer.get_submodule(fam.attn_post_norm) if fam.attn_post_norm else (lambda t: t)
         post_mlp = layer.get_submodule(fam.mlp_post_norm) if fam.mlp_post_norm else (lambda t: t)
-        hid = x[0].shape[-1]
+        hid = self.src.spec.hidden
         err = {}
 
         def run_attn(xb):
@@ -222,14 +240,12 @@ class Calibrator:
             err[lin.path.rpartition(".")[2]] = self._solve(p + lin.path, layer.get_submodule(lin.path), h,
                                                            is_down=lin is fam.down)
 
-        def captured_inputs(module, run) -> list[torch.Tensor]:
-            seen: list[torch.Tensor] = []
-            hook = module.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+        def inputs_of(module, run, take) -> None:
+            hook = module.register_forward_hook(lambda mod, inp, out: take(inp[0]))
             try:
                 run()
             finally:
                 hook.remove()
-            return seen
 
         # A: H for q/k/v; DAC teacher with full-precision attention on the quantized stream
         m_qkv, teacher = _Moments(hid, self.dev), torch.zeros(hid, dtype=torch.float64, device=self.dev)
@@ -241,14 +257,15 @@ class Calibrator:
         for lin in fam.qkv:
             solve(lin, h)
         # B: H for o on the context of quantized q/k/v
-        ctx = captured_inputs(o_proj, lambda: [run_attn(xb) for xb in x])
-        m_o = _Moments(ctx[0].shape[-1], self.dev)
+        ctx = Activations.like(x)
+        inputs_of(o_proj, lambda: [run_attn(xb) for xb in x], ctx.append)
+        m_o = _Moments(o_proj.in_features, self.dev)
         for c in ctx:
             m_o.add(c)
         solve(fam.o, m_o.hessian())
         # C: student norm output, DAC bias, H for gate/up on the corrected activations
-        hs = [xb + post_attn(o_proj(c)) for xb, c in zip(x, ctx)]
-        del ctx
+        hs = Activations.like(x, (xb + post_attn(o_proj(c)) for xb, c in zip(x, ctx)))
+        ctx.close()
         m_gu = _Moments(hid, self.dev)
         for hb in hs:
             m_gu.add(n2(hb))
@@ -261,22 +278,43 @@ class Calibrator:
         h = m_gu.hessian(b)
         for lin in fam.gate_up:
             solve(lin, h)
-        # D: H for down on the quantized gate/up product
+        # D: H for down on the quantized gate/up product (summed as it is made, never kept)
         shift = 0 if b is None else b
-        acts = captured_inputs(down_proj, lambda: [mlp(n2(hb) + shift) for hb in hs])
-        m_d = _Moments(acts[0].shape[-1], self.dev)
-        for a in acts:
-            m_d.add(a)
-        del acts
+        m_d = _Moments(down_proj.in_features, self.dev)
+        inputs_of(down_proj, lambda: [mlp(n2(hb) + shift) for hb in hs], m_d.add)
         solve(fam.down, m_d.hessian())
         self._fold_col_scale(p, layer)
         if b is not None:
             self._fold_dac(p, layer, b)
         # E: outputs of the quantized layer
-        out = [hb + post_mlp(mlp(n2(hb))) for hb in hs]
+        out = Activations.like(x, (hb + post_mlp(mlp(n2(hb))) for hb in hs))
+        hs.close()
         stats.update({"layer": i, "seconds": round(time.time() - t0, 2),
                       "error": {k: round(v, 5) for k, v in err.items()}})
         return out, stats
+
+    def _rtn_layer(self, i: int, layer) -> dict:
+        t0, fam, p = time.time(), self.family, f"model.layers.{i}."
+        err = {lin.path.rpartition(".")[2]: self._solve(p + lin.path, layer.get_submodule(lin.path), None,
+                                                        is_down=lin is fam.down)
+               for lin in fam.layer_linears()}
+        self._fold_col_scale(p, layer)
+        return {"layer": i, "seconds": round(time.time() - t0, 2),
+                "error": {k: round(v, 5) for k, v in err.items()}}
+
+    def _finish_layer(self, i: int, layer, stats: dict, stream: dict | None) -> None:
+        """Keep the layer's float tensors, hand it to the checkpoint (then forget its codes), free it."""
+        p = f"model.layers.{i}."
+        floats = {p + n: t.detach().float().cpu().clone() for n, t in layer.named_parameters()
+                  if (p + n).rpartition(".")[0] not in self.linears}
+        if self.sink is not None:
+            mine = [n for n in self.linears if n.startswith(p)]
+            self.sink.layer(i, {n: self.linears.pop(n) for n in mine}, floats, stats, stream)
+        else:
+            self.floats.update(floats)
+        self.weights.release(layer)
+        self.report["layers"].append(stats)
+        self.on_layer(i, stats)
 
     @torch.no_grad()
     def run(self, calib: torch.Tensor | None) -> QuantizedModel:
@@ -288,21 +326,12 @@ class Calibrator:
             self.report["rotation_block"] = rotation.rotate(model)
             spec.tie_embeddings = False
             spec.hf_config["tie_word_embeddings"] = False
-        layers = model.model.layers
+            self.order = [n for n, _ in model.named_parameters()]
         final_bias = None
         if cfg.method == "rtn":
-            for i, layer in enumerate(layers):
-                lt = time.time()
-                fam = self.family
-                err = {lin.path.rpartition(".")[2]: self._solve(f"model.layers.{i}.{lin.path}",
-                                                                layer.get_submodule(lin.path), None,
-                                                                is_down=lin is fam.down)
-                       for lin in fam.layer_linears()}
-                self._fold_col_scale(f"model.layers.{i}.", layer)
-                stats = {"layer": i, "seconds": round(time.time() - lt, 2),
-                         "error": {k: round(v, 5) for k, v in err.items()}}
-                self.report["layers"].append(stats)
-                self.on_layer(i, stats)
+            for i, layer in enumerate(model.model.layers):  # no activations: on the CPU
+                self.weights.load(layer, f"model.layers.{i}.", torch.device("cpu"))
+                self._finish_layer(i, layer, self._rtn_layer(i, layer), None)
         else:
             if calib is None:
                 raise D2Error(f"--method {cfg.method} needs calibration data")
@@ -312,33 +341,61 @@ class Calibrator:
         self.report["peak_mem_mb"] = round(_peak_mem_mb(self.dev), 1)
         return self._build(spec, head_bias)
 
+    def _offload(self, calib: torch.Tensor) -> str:
+        """Where the activations go (printed in the report): the streams a layer holds at once."""
+        spec, n = self.src.spec, calib.numel()
+        streams = 3 + self.cfg.uses_dac  # inputs, outputs / residual, the float stream
+        need = 4 * n * (streams * spec.hidden + spec.heads * spec.head_dim)
+        plan = plan_offload(self.cfg.offload, self.dev, need)
+        self.report["offload"] = {"where": plan.where, "gib": round(need / 2**30, 3), "why": plan.reason}
+        return plan.where
+
     def _calibrate_layers(self, calib: torch.Tensor) -> torch.Tensor | None:
-        model, cfg, dev = self.model, self.cfg, self.dev
+        model, cfg, dev, W = self.model, self.cfg, self.dev, self.weights
         inner = model.model
-        inner.embed_tokens.to(dev)
-        inner.norm.to(dev)
-        batches = [calib[i:i + cfg.batch].to(dev) for i in range(0, calib.shape[0], cfg.batch)]
-        teacher_final = None
-        if cfg.uses_dac:  # the final norm's teacher: the full-precision model on the same tokens
-            model.to(dev)
-            teacher_final = _token_mean([inner(input_ids=b, use_cache=False).last_hidden_state
-                                         for b in batches])
-        x = [inner.embed_tokens(b) for b in batches]
+        where = self._offload(calib)
+        x, xf = Activations(where, dev), None
+        start = 0
+        resumed = self.sink.stream() if self.sink is not None and self.sink.done else None
+        if resumed is not None:  # the activations entering the first layer not yet written
+            start = self.sink.done
+            self.report["layers"] = list(self.sink.layers)
+            for t in resumed["x"]:
+                x.append(t.to(dev))
+            if resumed["xf"] is not None:
+                xf = Activations.like(x, (t.to(dev) for t in resumed["xf"]))
+        else:
+            W.load(inner.embed_tokens, "model.embed_tokens.", dev)
+            for i in range(0, calib.shape[0], cfg.batch):
+                x.append(inner.embed_tokens(calib[i:i + cfg.batch].to(dev)))
+            if cfg.uses_dac:  # the float model's own stream: the final norm's DAC teacher
+                xf = Activations.like(x, x)
         t = calib.shape[1]
         pos = torch.arange(t, device=dev)[None]
         fam, hf = self.family, self.src.spec.hf_config
         types = fam.layer_types(hf, len(inner.layers))
-        pes = {ty: fam.position_embeddings(inner, x[0], pos, ty) for ty in dict.fromkeys(types)}
-        masks = {w: _causal_mask(t, dev, w) for w in dict.fromkeys(fam.sliding_windows(hf, len(types)))}
+        probe = torch.zeros(1, t, self.src.spec.hidden, device=dev)
+        pes = {ty: fam.position_embeddings(inner, probe, pos, ty) for ty in dict.fromkeys(types)}
         windows = fam.sliding_windows(hf, len(types))
+        masks = {w: _causal_mask(t, dev, w) for w in dict.fromkeys(windows)}
         for i, layer in enumerate(inner.layers):
-            layer.to(dev)
-            x, stats = self._layer(i, layer, x, pes[types[i]], masks[windows[i]])
-            self.report["layers"].append(stats)
-            self.on_layer(i, stats)
-        if teacher_final is None:
+            if i < start:
+                continue
+            W.load(layer, f"model.layers.{i}.", dev)
+            pe, mask = pes[types[i]], masks[windows[i]]
+            if xf is not None:  # before calibration edits the layer
+                xf_next = Activations.like(x, (layer(h, attention_mask=mask, position_embeddings=pe) for h in xf))
+                xf.close()
+                xf = xf_next
+            x_next, stats = self._layer(i, layer, x, pe, mask)
+            x.close()
+            x = x_next
+            stream = None if self.sink is None else {"x": x.cpu(), "xf": None if xf is None else xf.cpu()}
+            self._finish_layer(i, layer, stats, stream)
+        if xf is None:
             return None
-        b = teacher_final - _token_mean([inner.norm(xb) for xb in x])
+        W.load(inner.norm, "model.norm.", dev)
+        b = _token_mean([inner.norm(h) for h in xf]) - _token_mean([inner.norm(h) for h in x])
         self.report["final_dac_shift"] = float(b.norm() / math.sqrt(b.numel()))
         return b
 
@@ -347,32 +404,46 @@ class Calibrator:
 
         Returns the lm_head bias when lm_head stays float (it then lives in the float tensors).
         """
-        model = self.model.cpu()
+        cpu, W, model = torch.device("cpu"), self.weights, self.model
+        if not W.streams:  # a streamed model's layers are freed already; its head is read below
+            model.cpu()
         emb, head = model.model.embed_tokens, model.lm_head
-        tied = head.weight is emb.weight
+        tied = "lm_head.weight" not in self.order
+        W.load(emb, "model.embed_tokens.", cpu)
+        W.load(model.model.norm, "model.norm.", cpu)
+        if not tied:
+            W.load(head, "lm_head.", cpu)
         if "model.embed_tokens" in self.cfg.grids:
             self._solve("model.embed_tokens", emb, None)
         if "lm_head" in self.cfg.grids and not tied:
             self._solve("lm_head", head, None)
         if final_bias is None:
             return None
-        b = final_bias.cpu() @ head.weight.detach().float().T
+        # through the head as written (a quantized head's, or tied embeddings' dequantized weight)
+        b = final_bias.cpu() @ (emb if tied else head).weight.detach().float().T
         if "lm_head" in self.linears:
             self.linears["lm_head"].bias = b
             return None
         return b
 
     def _build(self, spec, head_bias: torch.Tensor | None) -> QuantizedModel:
-        model = self.model.cpu()
-        skip = set()
-        for name in self.linears:
-            skip |= {name + ".weight", name + ".bias"}
-        tensors = {n: p.detach().float().clone() for n, p in model.named_parameters() if n not in skip}
+        params = dict(self.model.named_parameters())
+        tensors = {}
+        for n in self.order:
+            if n.rpartition(".")[0] in self.linears or (self.sink is not None and n.startswith("model.layers.")):
+                continue  # a quantized linear's, or a layer the checkpoint already holds
+            tensors[n] = self.floats[n] if n in self.floats else params[n].detach().float().clone()
         if head_bias is not None:
             tensors["lm_head.bias"] = head_bias
-        return QuantizedModel(spec=spec, linears=self.linears, tensors=tensors,
-                              recipe=asdict(self.cfg), report=self.report,
-                              source=dict(self.src.info), tokenizer=self.src.tokenizer)
+        qm = QuantizedModel(spec=spec, linears=self.linears, tensors=tensors,
+                            recipe=self.recipe, report=self.report,
+                            source=dict(self.src.info), tokenizer=self.src.tokenizer)
+        if self.sink is None:
+            return qm
+        written = {n for n in self.sink.files if n not in self.sink.meta}  # the layers' float tensors
+        names = [n for n in self.order if n in written or n in tensors] + [n for n in tensors if n not in self.order]
+        out = self.sink.finish(self.linears, tensors, {**qm.manifest(), "tensors": names}, qm.tokenizer)
+        return QuantizedModel.load(out)
 
 
 def quantize_embeddings(qm: QuantizedModel, bits: int, group: int) -> QuantizedModel:
@@ -396,6 +467,9 @@ def quantize_embeddings(qm: QuantizedModel, bits: int, group: int) -> QuantizedM
 
 
 def quantize(src: Source, calib: torch.Tensor | None, cfg: QuantConfig,
-             on_layer: Callable[[int, dict], None] | None = None) -> QuantizedModel:
-    """Calibrate ``src.model`` in place and return the quantized model."""
-    return Calibrator(src, cfg, on_layer).run(calib)
+             on_layer: Callable[[int, dict], None] | None = None,
+             sink: CheckpointWriter | None = None, recipe: dict | None = None) -> QuantizedModel:
+    """Calibrate ``src.model`` in place and return the quantized model; with ``sink`` each layer
+    is written to the checkpoint as it is finished and the result is read back from it.
+    ``recipe``: how it was made, as recorded (default: ``cfg`` as a dict)."""
+    return Calibrator(src, cfg, on_layer, sink, recipe).run(calib)

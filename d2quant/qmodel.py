@@ -9,22 +9,14 @@ Tensor names follow transformers' LLaMA-family module names ("model.layers.3.mlp
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from d2quant.errors import D2Error
 from d2quant.families import Family, family, family_of_hf
-from d2quant.grids import Grid, Params, grid_from_spec
-
-CHECKPOINT_FORMAT = "d2export-checkpoint"
-CHECKPOINT_VERSION = 1
+from d2quant.grids import Grid, Params
 
 
 @dataclass
@@ -154,70 +146,42 @@ class QuantizedModel:
         return model.eval()
 
     # ---- checkpoint ----------------------------------------------------------------------
+    def manifest(self) -> dict:
+        return {"spec": asdict(self.spec), "tensors": list(self.tensors), "recipe": self.recipe,
+                "report": self.report, "source": self.source}
+
     def save(self, out_dir: str | Path, force: bool = False) -> Path:
+        """Write the checkpoint (d2quant.checkpoint), layer by layer as calibration does."""
+        from d2quant.checkpoint import CheckpointWriter
+
         out = Path(out_dir)
         check_output(out, force)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        writer = CheckpointWriter(out, "", force=True)
         try:
-            flat: dict[str, torch.Tensor] = {}
-            lin_meta = {}
-            for name, ql in self.linears.items():
-                flat[f"{name}.codes"] = ql.codes.to(torch.uint8)
-                for k, v in ql.params.items():
-                    flat[f"{name}.{k}"] = v.float()
-                if ql.bias is not None:
-                    flat[f"{name}.bias"] = ql.bias.float()
-                lin_meta[name] = {"grid": ql.grid.spec(), "params": sorted(ql.params),
-                                  "bias": ql.bias is not None}
-            for k, v in self.tensors.items():
-                flat[k] = v.float().contiguous()
-            save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp / "model.safetensors"))
-            manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                        "spec": asdict(self.spec), "linears": lin_meta,
-                        "tensors": sorted(self.tensors), "recipe": self.recipe,
-                        "report": self.report, "source": self.source}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            if out.is_dir():
-                shutil.rmtree(out)
-            elif out.exists():
-                out.unlink()
-            os.replace(tmp, out)
+            rest_l, rest_t = dict(self.linears), dict(self.tensors)
+            for i in range(self.spec.layers):
+                p = f"model.layers.{i}."
+                mine = lambda d: {n: d.pop(n) for n in [n for n in d if n.startswith(p)]}  # noqa: E731
+                writer.layer(i, mine(rest_l), mine(rest_t), {}, None)
+            return writer.finish(rest_l, rest_t, self.manifest(), self.tokenizer)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            writer.abandon()
             raise
-        return out
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantizedModel":
+        """A checkpoint; its linears are read from disk when asked for (d2quant.checkpoint)."""
+        from d2quant.checkpoint import read_checkpoint
+
         path = Path(path)
-        mf = path / "manifest.json"
-        if not mf.is_file():
-            raise D2Error(f"{path} is not a d2export checkpoint (no manifest.json); "
-                          "make one with `d2export quantize`")
-        try:
-            manifest = json.loads(mf.read_text())
-            flat = load_file(str(path / "model.safetensors"))
-        except Exception as e:  # corrupt json or safetensors
-            raise D2Error(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); re-run quantize")
-        if manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("version") != CHECKPOINT_VERSION:
-            raise D2Error(f"checkpoint {path} has format {manifest.get('format')} version "
-                          f"{manifest.get('version')}; this d2export reads version {CHECKPOINT_VERSION}")
-        linears = {}
-        for name, meta in manifest["linears"].items():
-            linears[name] = QuantizedLinear(
-                grid=grid_from_spec(meta["grid"]), codes=flat[f"{name}.codes"].to(torch.int16),
-                params={k: flat[f"{name}.{k}"] for k in meta["params"]},
-                bias=flat.get(f"{name}.bias") if meta["bias"] else None)
+        manifest, linears, tensors = read_checkpoint(path)
         tokenizer = None
         if (path / "tokenizer").is_dir():
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-        return cls(spec=ModelSpec(**manifest["spec"]), linears=linears,
-                   tensors={k: flat[k] for k in manifest["tensors"]}, recipe=manifest["recipe"],
-                   report=manifest.get("report", {}), source=manifest.get("source", {}),
-                   tokenizer=tokenizer)
+        return cls(spec=ModelSpec(**manifest["spec"]), linears=linears, tensors=tensors,
+                   recipe=manifest["recipe"], report=manifest.get("report", {}),
+                   source=manifest.get("source", {}), tokenizer=tokenizer)
 
 
 def check_output(out: Path, force: bool) -> None:

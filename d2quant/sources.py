@@ -2,6 +2,9 @@
 
 Every source becomes a float32 transformers model plus its tokenizer and a ModelSpec. A ``-padN``
 suffix (``smollm2-135m-pad768``) gives that model zero-padded to hidden size N (d2quant.padding).
+``load_source(..., stream=True)`` gives a skeleton on the meta device instead, whose weights are
+read from the safetensors one module at a time as calibration reaches them (d2quant.weights); a
+GGUF streams from its float safetensors copy in the cache, which its first load makes.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ from d2quant.aliases import alias_path
 from d2quant.families import families, supported_hf_classes
 from d2quant.padding import pad_model, pad_shape, param_count
 from d2quant.qmodel import ModelSpec
+from d2quant.weights import ResidentWeights, SafetensorsWeights, skeleton
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -41,6 +45,7 @@ class Source:
     tokenizer: object
     spec: ModelSpec
     info: dict  # {"kind": "hf"|"gguf", "path": str, "name": str}
+    weights: ResidentWeights | SafetensorsWeights = field(default_factory=ResidentWeights)
 
 
 def resolve(model: str | None) -> tuple[str, Path]:
@@ -117,10 +122,14 @@ def _fill_gguf_cache(path: Path, model, tokenizer) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_source(model: str | None) -> Source:
+def load_source(model: str | None, stream: bool = False) -> Source:
     padded = _PADDED.match(model or "")
     if padded and not Path(model).expanduser().exists():
+        if stream:
+            raise D2Error(f"{model} is padded in memory, so it cannot be streamed; drop --stream")
         return pad_source(load_source(padded["base"]), int(padded["hidden"]))
+    if stream:
+        return _stream_source(model)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -148,6 +157,32 @@ def load_source(model: str | None) -> Source:
         if not torch.isfinite(p).all():
             raise D2Error(f"model {path} has NaN/Inf values in {name}; the weights are corrupt")
     return Source(model=m.eval(), tokenizer=tok, spec=spec,
+                  info={"kind": kind, "path": str(path.resolve()), "name": model or DEFAULT_MODEL})
+
+
+def _stream_source(model: str | None) -> Source:
+    from transformers import AutoConfig, AutoTokenizer
+
+    kind, path = resolve(model)
+    folder = path
+    if kind == "gguf":
+        _check_gguf_arch(path)
+        if _gguf_cache(path) is None:  # decoded whole once, then read from the float copy
+            load_source(str(path))
+        folder = Path(_gguf_cache(path) or "")
+        if not (folder / "config.json").is_file():
+            raise D2Error(f"the float copy of {path} could not be cached (is the cache writable? "
+                          "set D2EXPORT_CACHE); drop --stream to load it whole")
+    else:
+        _check_hf_arch(path)
+    weights = SafetensorsWeights(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise D2Error(f"cannot load model {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    m = skeleton(config)
+    return Source(model=m, tokenizer=tok, spec=ModelSpec.from_hf_config(m.config), weights=weights,
                   info={"kind": kind, "path": str(path.resolve()), "name": model or DEFAULT_MODEL})
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from converters.allocation import SizeTarget, check_reachable, choose
+from converters.allocation import SizeTarget, check_reachable, check_resident, choose
 from converters.gguf.allocate import fixed_bytes, options, read_recipe
 from converters.gguf.arch import DAC_FFN_BIASES, LAYOUTS
 from converters.gguf.presets import PRESETS, preset_grids
@@ -54,6 +54,8 @@ class GGUFTarget:
     def check(self, cfg: QuantConfig, src) -> None:
         """What can be refused once the model is loaded, before calibration tokens are made."""
         self._model_spec(cfg, src.spec)
+        if self.size.active:
+            check_resident(src)
 
     def quant_config(self, cfg: QuantConfig, src, tokens: torch.Tensor | None,
                      on_allocation=None) -> QuantConfig:

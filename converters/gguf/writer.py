@@ -136,6 +136,22 @@ def _tensor_data(qm: QuantizedModel, plan: GGUFPlan,
     return np.ascontiguousarray(_rope_rows(plan.layout, qm, gname, arr)), None
 
 
+def _tensor_info(qm: QuantizedModel, plan: GGUFPlan, gname: str) -> tuple:
+    """(shape, numpy dtype, bytes, GGML type or None) of a tensor, as ``_tensor_data`` will give it."""
+    src, tname = plan.sources[gname], plan.types[gname]
+    if src == "<generated>":
+        arr = extra_tensors(qm.spec)[gname]
+        return arr.shape, arr.dtype, arr.nbytes, None
+    if src in qm.linears:
+        rows, cols = qm.spec.matrix_shapes().get(src) or qm.linears[src].shape
+        qtype = gguf.GGMLQuantizationType[tname]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        return (rows, cols // block * size), np.dtype(np.uint8), rows * (cols // block) * size, qtype
+    t = qm.linears[src[:-5]].bias if src.endswith(".bias") and src[:-5] in qm.linears else qm.tensors[src]
+    dtype = np.dtype(np.float16 if tname == "F16" else np.float32)
+    return tuple(t.shape), dtype, t.numel() * dtype.itemsize, None
+
+
 def float_values(qm: QuantizedModel, plan: GGUFPlan, gname: str) -> torch.Tensor:
     """The float32 values a float tensor (or a linear's bias) is stored with, q/k rows unpermuted.
 
@@ -228,12 +244,14 @@ def write_gguf(qm: QuantizedModel, out_path: str | Path, *, force: bool = False,
         writer.add_file_type(file_type(qm, plan))
         writer.add_string("general.quantized_by", "d2export")
         writer.add_string("d2export.recipe", json.dumps(qm.recipe, sort_keys=True, default=str))
-        for gname in sorted(plan.sources, key=_order):
-            data, raw_dtype = _tensor_data(qm, plan, gname)
-            writer.add_tensor(gname, data, raw_dtype=raw_dtype)
+        names = sorted(plan.sources, key=_order)
+        for gname in names:  # the directory first, from shapes alone
+            writer.add_tensor_info(gname, *_tensor_info(qm, plan, gname))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for gname in names:  # then each tensor packed and written in turn, never all at once
+            writer.write_tensor_data(_tensor_data(qm, plan, gname)[0])
         writer.close()
         os.replace(tmp, out)
     except BaseException:

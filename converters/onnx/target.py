@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from converters.allocation import SizeTarget, check_reachable, choose
+from converters.allocation import SizeTarget, check_reachable, check_resident, choose
 from converters.onnx.allocate import fixed_bytes, options
 from converters.onnx.layouts import DSQ_LAYOUTS
 from converters.onnx.packing import check_block_size, container_bits
@@ -57,6 +57,8 @@ class ONNXTarget:
     def check(self, cfg: QuantConfig, src) -> None:
         """What can be refused once the model is loaded, before calibration tokens are made."""
         self._model_spec(cfg, src.spec)
+        if self.size.active:
+            check_resident(src)
 
     def quant_config(self, cfg: QuantConfig, src, tokens, on_allocation=None) -> QuantConfig:
         """``cfg`` made to land on this target's grids for the model ``src``."""

@@ -1,0 +1,135 @@
+"""Where a source's weights live while it is calibrated: in the model, or in its files.
+
+Calibration asks for one module's weights at a time (``load``) and hands them back (``release``):
+
+* ``ResidentWeights``: the model already holds them (a model loaded whole, a padded or rotated one);
+  load moves the module to the calibration device, release keeps it;
+* ``SafetensorsWeights``: a Hugging Face directory's (sharded) safetensors, read lazily with
+  ``safe_open`` in the source dtype; the model is a skeleton whose parameters sit on the meta
+  device, a module is materialised in float32 on the device when it is calibrated, and put back on
+  the meta device after. RAM then holds about one layer, whatever the depth of the model.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from d2quant.errors import D2Error
+
+META = torch.device("meta")
+
+
+class ResidentWeights:
+    streams = False
+
+    def load(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
+        module.to(device)
+
+    def release(self, module: torch.nn.Module) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsWeights:
+    """Tensors by name from a directory's ``model.safetensors`` or its sharded index."""
+
+    streams = True
+
+    def __init__(self, folder: Path):
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                names = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise D2Error(f"{index} is unreadable ({e}); re-download the model")
+            shards = sorted(set(names.values()))
+        elif (folder / "model.safetensors").is_file():
+            shards, names = ["model.safetensors"], None
+        else:
+            raise D2Error(f"{folder} has no model.safetensors nor model.safetensors.index.json; "
+                          "--stream reads safetensors (drop --stream to load other formats whole)")
+        self._files = ExitStack()
+        self._shard: dict[str, object] = {}
+        for shard in shards:
+            path = folder / shard
+            if not path.is_file():
+                raise D2Error(f"shard {path} listed by the index is missing; re-download the model")
+            try:
+                handle = self._files.enter_context(safe_open(str(path), framework="pt"))
+            except Exception as e:  # a truncated or corrupt header
+                raise D2Error(f"shard {path} is corrupt ({type(e).__name__}: {e}); re-download it")
+            for name in handle.keys():
+                if names is None or names.get(name) == shard:
+                    self._shard[name] = handle
+
+    def has(self, name: str) -> bool:
+        return name in self._shard
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor in float32 on the CPU."""
+        handle = self._shard.get(name)
+        if handle is None:
+            raise D2Error(f"the model's safetensors lack {name}; the download is incomplete")
+        try:
+            t = handle.get_tensor(name).float()
+        except Exception as e:  # a shard truncated after its header
+            raise D2Error(f"cannot read {name} ({type(e).__name__}: {e}); the shard is truncated, re-download it")
+        if not torch.isfinite(t).all():
+            raise D2Error(f"the model has NaN/Inf values in {name}; the weights are corrupt")
+        return t
+
+    def load(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
+        for name, p in list(module.named_parameters()):
+            t = self.tensor(prefix + name)
+            if tuple(t.shape) != tuple(p.shape):
+                raise D2Error(f"{prefix + name} has shape {tuple(t.shape)} in the safetensors but "
+                              f"{tuple(p.shape)} in config.json; the model files do not match")
+            _set_parameter(module, name, t.to(device))
+        module.to(device)  # its buffers (rotary tables, scales) follow
+
+    def release(self, module: torch.nn.Module) -> None:
+        for name, p in list(module.named_parameters()):
+            _set_parameter(module, name, torch.empty_like(p, device=META))
+
+    def close(self) -> None:
+        self._files.close()
+
+
+def _set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    setattr(owner, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device and their buffers for real
+    (rotary tables, embedding scales are computed at construction and not stored in the files)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param)
+        if param is not None and not param.is_meta:  # a meta one is shared (tied embeddings): kept
+            self._parameters[name] = torch.nn.Parameter(param.to(META), requires_grad=False)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def skeleton(config) -> torch.nn.Module:
+    """A transformers model of ``config`` whose parameters are all on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()

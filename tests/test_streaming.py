@@ -1,0 +1,168 @@
+"""Calibration that streams the source's weights layer by layer, offloads its activations and
+writes a resumable checkpoint as it goes: each path gives the same bits as the in-memory one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from d2quant.checkpoint import CheckpointWriter, fingerprint
+from d2quant.errors import D2Error
+from d2quant.pipeline import QuantConfig, quantize
+from d2quant.qmodel import QuantizedModel
+from d2quant.sources import load_source
+
+torch.manual_seed(0)
+CALIB = torch.randint(0, 300, (6, 48))
+CFG = dict(method="d2quant", bits=3, group_size=32, batch=2)
+
+
+def assert_same(a: QuantizedModel, b: QuantizedModel) -> None:
+    assert list(a.linears) == list(b.linears) and list(a.tensors) == list(b.tensors)
+    for n in a.linears:
+        qa, qb = a.linears[n], b.linears[n]
+        assert qa.grid.spec() == qb.grid.spec() and torch.equal(qa.codes, qb.codes), n
+        assert all(torch.equal(qa.params[k], qb.params[k]) for k in qa.params), n
+        assert (qa.bias is None) == (qb.bias is None) and (qa.bias is None or torch.equal(qa.bias, qb.bias)), n
+    for n in a.tensors:
+        assert torch.equal(a.tensors[n], b.tensors[n]), n
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory, tiny_hf_dir):
+    """The tiny LLaMA re-saved as bf16 in several shards, as large models ship."""
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("sharded")
+    m = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.bfloat16)
+    m.save_pretrained(d, max_shard_size="100KB")
+    for f in tiny_hf_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special")):
+            shutil.copy(f, d / f.name)
+    assert len(list(d.glob("model-*.safetensors"))) > 2
+    return d
+
+
+def test_streamed_calibration_is_bit_identical(sharded_dir):
+    whole = load_source(str(sharded_dir))
+    streamed = load_source(str(sharded_dir), stream=True)
+    assert all(p.is_meta for p in streamed.model.parameters())  # nothing read yet
+    a = quantize(whole, CALIB, QuantConfig(**CFG))
+    b = quantize(streamed, CALIB, QuantConfig(**CFG, stream=True))
+    assert_same(a, b)
+    assert all(p.is_meta for p in streamed.model.model.layers.parameters())  # every layer freed again
+
+
+def test_float_stream_teacher_matches_the_whole_float_model(tiny_hf_dir):
+    """The final-norm DAC shift, from the float layers streamed beside the quantized ones, is what
+    the whole float model gives on the same tokens (within float rounding)."""
+    src = load_source(str(tiny_hf_dir))
+    with torch.no_grad():
+        teacher = src.model.model(input_ids=CALIB).last_hidden_state.reshape(-1, src.spec.hidden).mean(0)
+    qm = quantize(src, CALIB, QuantConfig(**CFG))
+    model = qm.to_torch()
+    with torch.no_grad():
+        student = model.model(input_ids=CALIB).last_hidden_state.reshape(-1, src.spec.hidden).mean(0)
+    head = qm.tensors["model.embed_tokens.weight"]  # tied
+    want = (teacher - student) @ head.T
+    got = qm.tensors["lm_head.bias"]
+    assert got.abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_offloaded_activations_are_bit_identical(tiny_hf_dir, offload):
+    a = quantize(load_source(str(tiny_hf_dir)), CALIB, QuantConfig(**CFG))
+    b = quantize(load_source(str(tiny_hf_dir)), CALIB, QuantConfig(**CFG, offload=offload))
+    assert_same(a, b)
+    assert b.report["offload"]["where"] == ("disk" if offload == "disk" else "device")
+    assert a.report["offload"]["where"] == "device"
+
+
+def test_offload_refuses_what_does_not_fit(monkeypatch):
+    from d2quant import activations
+
+    monkeypatch.setattr(activations, "_free_ram", lambda: 2**30)
+    with pytest.raises(D2Error, match="--offload disk"):
+        activations.plan_offload("cpu", torch.device("cpu"), 2**31)
+    assert activations.plan_offload("auto", torch.device("cpu"), 2**31).where == "disk"
+    with pytest.raises(D2Error, match="free space"):
+        activations.plan_offload("disk", torch.device("cpu"), 2**62)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _run(src_dir, out, cfg, *, resume=False, force=False, stop_after=None):
+    src = load_source(str(src_dir), stream=cfg.stream)
+    recipe = {**cfg.__dict__}
+    sink = CheckpointWriter(out, fingerprint(recipe, src.spec, src.info, CALIB), resume=resume, force=force)
+
+    def on_layer(i, stats):
+        if stop_after is not None and i == stop_after:
+            raise Interrupt
+
+    return quantize(src, CALIB, cfg, on_layer=on_layer, sink=sink, recipe=recipe)
+
+
+def test_resume_equals_an_uninterrupted_run(sharded_dir, tmp_path):
+    cfg = QuantConfig(**CFG, stream=True)
+    whole = _run(sharded_dir, tmp_path / "whole", cfg)
+    with pytest.raises(Interrupt):
+        _run(sharded_dir, tmp_path / "cut", cfg, stop_after=0)
+    partial = tmp_path / "cut.partial"
+    assert json.loads((partial / "progress.json").read_text())["layers"][0]["layer"] == 0
+    assert not (tmp_path / "cut").exists()
+    with pytest.raises(D2Error, match="--resume"):  # neither resumed nor forced
+        _run(sharded_dir, tmp_path / "cut", cfg)
+    with pytest.raises(D2Error, match="other options"):
+        _run(sharded_dir, tmp_path / "cut", QuantConfig(**{**CFG, "bits": 2}, stream=True), resume=True)
+    resumed = _run(sharded_dir, tmp_path / "cut", cfg, resume=True)
+    assert not partial.exists()
+    assert_same(whole, resumed)
+    for f in sorted((tmp_path / "whole").rglob("*.safetensors")):
+        other = tmp_path / "cut" / f.relative_to(tmp_path / "whole")
+        a, b = load_file(str(f)), load_file(str(other))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
+    # the checkpoint read back holds what calibration made, one layer file at a time
+    back = QuantizedModel.load(tmp_path / "cut")
+    assert len(list((tmp_path / "cut" / "layers").iterdir())) == back.spec.layers
+    assert_same(quantize(load_source(str(sharded_dir)), CALIB, QuantConfig(**CFG)), back)
+
+
+def test_streaming_refusals(sharded_dir, tmp_path):
+    with pytest.raises(D2Error, match="drop --stream"):
+        load_source("smollm2-135m-pad768", stream=True)
+    with pytest.raises(D2Error, match="--rotate"):
+        QuantConfig(stream=True, rotate=True)
+    with pytest.raises(D2Error, match="--offload"):
+        QuantConfig(offload="tape")
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded_dir, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(D2Error, match="missing"):
+        load_source(str(broken), stream=True)
+    shard.write_bytes(b"\x10\x00")
+    with pytest.raises(D2Error, match="corrupt"):
+        load_source(str(broken), stream=True)
+
+
+def test_cli_streams_into_a_gguf_llama_cpp_loads(tiny_hf_dir, tmp_path):
+    from tests.test_cli import CAL, invoke
+
+    g = tmp_path / "m.gguf"
+    r = invoke("gguf", tiny_hf_dir, "--stream", "--offload", "disk", "-o", g, "--type", "Q4_0",
+               "--method", "gptq", *CAL)
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output and "disk" in r.output
+    r = invoke("quantize", tiny_hf_dir, "--stream", "--calib", "self", "-o", tmp_path / "ck")
+    assert r.exit_code == 2 and "whole model" in r.output
+    r = invoke("quantize", tiny_hf_dir, "--resume", "-o", tmp_path / "ck", *CAL)
+    assert r.exit_code == 2 and "no interrupted run" in r.output
+    assert not (tmp_path / "ck").exists()
