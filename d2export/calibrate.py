@@ -26,6 +26,7 @@ from rich.table import Table
 
 from d2quant.checkpoint import CheckpointWriter, fingerprint
 from d2quant.data import CalibConfig, calibration_tokens
+from d2quant.distributed import from_env
 from d2quant.errors import D2Error
 from d2quant.pipeline import QuantConfig, quantize
 from d2quant.qmodel import QuantizedModel, is_checkpoint
@@ -104,7 +105,7 @@ def _progress() -> Progress:
 
 
 def calibrate(model: str | None, calibration: Calibration, shape=None, check=None, *,
-              checkpoint: Path | None = None, resume: bool = False, force: bool = False) -> QuantizedModel:
+              checkpoint: Path | None = None, resume: bool = False, force: bool = False) -> QuantizedModel | None:
     """Load the source, make calibration tokens, run the pipeline with progress, print a summary.
 
     shape: (QuantConfig, Source, tokens) -> QuantConfig, the target's say once the model and its
@@ -112,8 +113,12 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
     check: (QuantConfig, Source) -> None, the target's refusals once the model is loaded, before
     the calibration tokens are made (a size out of reach, an architecture that cannot hold DAC).
     checkpoint: written layer by layer as calibration goes (``resume``: continue an interrupted one).
+    Under ``torchrun`` every process calibrates its share; only rank 0 gets the model (the others
+    get None and write nothing).
     """
     ccfg, qcfg = calibration.data, calibration.quant
+    group = from_env(qcfg.device)  # torchrun's processes, or this one alone
+    console.quiet = not group.writes
     if qcfg.stream and ccfg.calib in ("self", "self-chat"):
         raise D2Error(f"--calib {ccfg.calib} generates text with the whole model; give a text file "
                       "(or hf:NAME) with --stream, or drop --stream")
@@ -122,16 +127,17 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
     if check:
         check(qcfg, src)
     tokens = None
-    if qcfg.method != "rtn":
+    if qcfg.method != "rtn" and group.writes:
         with console.status(f"calibration data ({ccfg.calib}: {ccfg.nsamples} x {ccfg.seqlen} tokens)"):
             tokens = calibration_tokens(ccfg, src.model, src.tokenizer, qcfg.torch_device())
+    tokens = group.share(tokens, 0)
     if shape:
         qcfg = shape(qcfg, src, tokens)
     recipe = {**dataclasses.asdict(qcfg), "calibration": dataclasses.asdict(ccfg)}
     sink = None
     if checkpoint is not None:
         sink = CheckpointWriter(checkpoint, fingerprint(recipe, src.spec, src.info, tokens),
-                                resume=resume, force=force)
+                                resume=resume, force=force, group=group)
         if sink.done:
             console.print(f"resuming {sink.partial} after layer {sink.done}/{src.spec.layers}")
     with _progress() as prog:
@@ -142,17 +148,21 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
             prog.advance(task)
             if not console.is_terminal:  # logs and CI get one line per layer instead of a live bar
                 console.print(f"layer {i + 1}/{src.spec.layers} {stats['seconds']:.1f} s", highlight=False)
-        qm = quantize(src, tokens, qcfg, on_layer=on_layer, sink=sink, recipe=recipe)
+        qm = quantize(src, tokens, qcfg, on_layer=on_layer, sink=sink, recipe=recipe, group=group)
+    if not group.writes:
+        return None  # rank 0 prints and writes
     print_summary(qm)
     return qm
 
 
 def load_or_calibrate(model: str | None, calibration: Calibration, shape=None, check=None, *,
-                      checkpoint: Path | None = None, force: bool = False) -> QuantizedModel:
+                      checkpoint: Path | None = None, force: bool = False) -> QuantizedModel | None:
     """A checkpoint as it is, or a fresh calibration; ``checkpoint``: also kept there. A streamed
     calibration always goes through a checkpoint on disk (a temporary one without ``checkpoint``),
     so that no more than a layer of codes is ever held in memory."""
     if model and is_checkpoint(model):
+        if not from_env(calibration.quant.device).writes:
+            return None
         qm = QuantizedModel.load(model)
         if checkpoint is not None:
             qm.save(checkpoint, force=force)

@@ -63,8 +63,8 @@ def quantize(
     written layer by layer as calibration goes."""
     check_output(output, force)
     dataclasses.replace(calibration.quant, bits=bits, group_size=group_size)  # refuse bad values now
-    calibrate(model, calibration, with_grid(bits, group_size), checkpoint=output, resume=resume, force=force)
-    console.print(f"saved checkpoint to [bold]{output}[/]")
+    if calibrate(model, calibration, with_grid(bits, group_size), checkpoint=output, resume=resume, force=force):
+        console.print(f"saved checkpoint to [bold]{output}[/]")
 
 
 @app.command("eval")
@@ -151,6 +151,8 @@ def gguf(
         return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
     # its recipe (grids) lands in the GGUF metadata
     qm = load_or_calibrate(model, calibration, shape, target.check, checkpoint=save_checkpoint, force=force)
+    if qm is None:
+        return  # another process of a torchrun calibration; rank 0 writes
     _saved(save_checkpoint)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -197,6 +199,8 @@ def onnx(
     def shape(cfg, src, tokens):
         return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
     qm = load_or_calibrate(model, calibration, shape, target.check, checkpoint=save_checkpoint, force=force)
+    if qm is None:
+        return  # another process of a torchrun calibration; rank 0 writes
     _saved(save_checkpoint)
     if EMBED_BITS[embed]:
         qm = quantize_embeddings(qm, EMBED_BITS[embed], block_size)

@@ -5,8 +5,9 @@ biases and float tensors), ``top.safetensors`` (embeddings, final norm, lm_head)
 (which file holds each entry, the grids, the recipe and the report) and ``tokenizer/``.
 
 While calibration runs, the checkpoint grows in ``OUT.partial/``: each finished layer's file, then
-``stream.pt`` (the activations entering the next layer) and ``progress.json`` (how many layers are
-done, under which fingerprint of the options and the calibration tokens). ``--resume`` continues
+``stream-RANK-LAYER.pt`` (each process's activations entering the next layer) and ``progress.json``
+(how many layers are done, under which fingerprint of the options and the calibration tokens).
+Rank 0 writes the checkpoint's files; with several processes every rank keeps its own stream. ``--resume`` continues
 from the last complete layer and gives the same files as an uninterrupted run; the finished
 checkpoint is renamed into place at the end. Version 1 (one ``model.safetensors``) still loads.
 """
@@ -25,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from d2quant.distributed import SINGLE, Group
 from d2quant.errors import D2Error
 from d2quant.grids import grid_from_spec
 
@@ -79,11 +81,27 @@ def fingerprint(recipe: dict, spec, source: dict, tokens: torch.Tensor | None) -
 class CheckpointWriter:
     """Writes a checkpoint as its layers are finished; resumable from ``OUT.partial``."""
 
-    def __init__(self, out: str | Path, fp: str, *, resume: bool = False, force: bool = False):
-        self.out = Path(out)
+    def __init__(self, out: str | Path, fp: str, *, resume: bool = False, force: bool = False,
+                 group: Group = SINGLE):
+        self.out, self.group = Path(out), group
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.fp, self.meta, self.files, self.layers = fp, {}, {}, []
         progress = self.partial / "progress.json"
+        refused = None
+        if group.writes:
+            try:
+                self._open(progress, resume, force)
+            except D2Error as e:
+                refused = str(e)
+        refused = group.share(refused, 0)  # every rank stops on rank 0's refusal, with its words
+        if refused:
+            raise D2Error(refused)
+        if resume and not group.writes:
+            state = json.loads(progress.read_text())
+            self.meta, self.files, self.layers = state["linears"], state["files"], state["layers"]
+
+    def _open(self, progress: Path, resume: bool, force: bool) -> None:
+        fp = self.fp
         if resume:
             if not progress.is_file():
                 raise D2Error(f"--resume: there is no interrupted run at {self.partial}; drop --resume")
@@ -106,9 +124,12 @@ class CheckpointWriter:
         """Decoder layers already written."""
         return len(self.layers)
 
+    def _stream_file(self, i: int) -> Path:
+        return self.partial / f"stream-{self.group.rank}-{i:05d}.pt"
+
     def stream(self) -> dict:
-        """The activations entering the first layer not yet written ({"x": [...], "xf": [...] | None})."""
-        path = self.partial / "stream.pt"
+        """This rank's activations entering the first layer not yet written ({"x": [...], "xf": [...] | None})."""
+        path = self._stream_file(self.done - 1)
         if not path.is_file():
             raise D2Error(f"--resume: {path} is missing, so the interrupted run cannot go on; "
                           "drop --resume (and pass --force) to start over")
@@ -128,19 +149,30 @@ class CheckpointWriter:
         """Layer ``i`` is finished; ``stream`` (the activations entering layer i + 1) makes it resumable."""
         if i != self.done:
             raise D2Error(f"internal: layer {i} written after {self.done} layers")
-        self._add(layer_file(i), linears, tensors)
+        if self.group.writes:
+            self._add(layer_file(i), linears, tensors)
         if stream is not None:
-            tmp = self.partial / "stream.pt.tmp"
+            tmp = self._stream_file(i).with_suffix(".tmp")
             torch.save(stream, tmp)
-            os.replace(tmp, self.partial / "stream.pt")
+            os.replace(tmp, self._stream_file(i))
+        self.group.barrier()  # every rank's stream is on disk before the layer counts as done
         self.layers.append(stats)
-        self._progress()
+        if self.group.writes:
+            self._progress()
+        self.group.barrier()
+        if i:
+            self._stream_file(i - 1).unlink(missing_ok=True)
 
     def finish(self, linears: dict, tensors: dict, manifest: dict, tokenizer) -> Path:
         """The model's remaining entries (embeddings, norm, head) go to top.safetensors; the
         checkpoint is renamed into place."""
+        self._stream_file(self.done - 1).unlink(missing_ok=True)
+        if not self.group.writes:
+            self.group.barrier()  # rank 0 has renamed the checkpoint into place
+            return self.out
         self._add(TOP, linears, tensors)
-        (self.partial / "stream.pt").unlink(missing_ok=True)
+        for f in self.partial.glob("stream-*.pt"):
+            f.unlink()
         (self.partial / "progress.json").unlink(missing_ok=True)
         _write_json({"format": FORMAT, "version": VERSION, **manifest, "linears": self.meta,
                      "files": self.files}, self.partial / "manifest.json")
@@ -151,6 +183,7 @@ class CheckpointWriter:
         elif self.out.exists():
             self.out.unlink()
         os.replace(self.partial, self.out)
+        self.group.barrier()
         return self.out
 
     def abandon(self) -> None:

@@ -24,6 +24,7 @@ import torch
 from d2quant import rotation
 from d2quant.activations import OFFLOADS, Activations, plan_offload
 from d2quant.checkpoint import CheckpointWriter
+from d2quant.distributed import SINGLE, Group
 from d2quant.errors import D2Error
 from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
                            round_to_fp16, strip_col_scale)
@@ -107,27 +108,59 @@ class QuantConfig:
         return grid
 
 
-class _Moments:
-    """Running X^T X, sum(x) and count of a layer input, so H for (x + b) is exact for any later b."""
+class _Total:
+    """A sum of per-batch terms in batch order: added as they come in one process, or kept and
+    chained across ranks in the same order (d2quant.distributed), so both give the same bits."""
 
-    def __init__(self, k: int, device):
-        self.xtx = torch.zeros(k, k, device=device, dtype=torch.float64)
-        self.sum = torch.zeros(k, device=device, dtype=torch.float64)
-        self.n = 0
+    def __init__(self, shape, device, group: Group):
+        self.shape, self.device, self.group = shape, device, group
+        self._acc = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._terms: list[torch.Tensor] | None = [] if group.active else None
+
+    def add(self, term: torch.Tensor) -> None:
+        if self._terms is None:
+            self._acc += term
+        else:
+            self._terms.append(term)
+
+    def total(self) -> torch.Tensor:
+        if self._terms is not None:
+            self._acc = self.group.ordered_sum(self._terms, self.shape, self.device)
+            self._terms = None
+        return self._acc
+
+
+class _Moments:
+    """X^T X, sum(x) and count of a layer input over all samples, so H for (x + b) is exact for any
+    later b."""
+
+    def __init__(self, k: int, device, group: Group = SINGLE):
+        self._xtx, self._sum = _Total((k, k), device, group), _Total((k,), device, group)
+        self._n, self.group, self._count = 0, group, None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx += (x.T @ x).double()  # fp32 products per batch, fp64 running sum
-        self.sum += x.sum(0).double()
-        self.n += x.shape[0]
+        self._xtx.add(x.T @ x)  # fp32 products per batch, fp64 running sum
+        self._sum.add(x.sum(0).double())
+        self._n += x.shape[0]
+
+    @property
+    def n(self) -> int:
+        if self._count is None:
+            self._count = self.group.count(self._n)
+        return self._count
 
     def mean(self) -> torch.Tensor:
-        return (self.sum / self.n).float()
+        return (self._sum.total() / self.n).float()
+
+    def energy(self) -> torch.Tensor:
+        """Mean square of the input's entries."""
+        return torch.diagonal(self._xtx.total()).sum() / (self.n * self._sum.shape[0])
 
     def hessian(self, shift: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.xtx
+        h = self._xtx.total()
         if shift is not None:
-            b, s = shift.double(), self.sum
+            b, s = shift.double(), self._sum.total()
             h = h + torch.outer(b, s) + torch.outer(s, b) + self.n * torch.outer(b, b)
         return (2 * h / self.n).float()
 
@@ -140,8 +173,15 @@ def _causal_mask(t: int, device, window: int | None = None) -> torch.Tensor:
     return mask[None, None]
 
 
-def _token_mean(xs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double().mean(0).float()
+def _token_mean(xs, group: Group) -> torch.Tensor:
+    """Mean over every token of every rank's batches."""
+    total, n = None, 0
+    for x in xs:
+        x = x.reshape(-1, x.shape[-1])
+        total = total or _Total((x.shape[-1],), x.device, group)
+        total.add(x.double().sum(0))
+        n += x.shape[0]
+    return (total.total() / group.count(n)).float()
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -152,8 +192,8 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 class Calibrator:
     def __init__(self, src: Source, cfg: QuantConfig, on_layer: Callable[[int, dict], None] | None,
-                 sink: CheckpointWriter | None = None, recipe: dict | None = None):
-        self.src, self.cfg, self.sink = src, cfg, sink
+                 sink: CheckpointWriter | None = None, recipe: dict | None = None, group: Group = SINGLE):
+        self.src, self.cfg, self.sink, self.group = src, cfg, sink, group
         self.recipe = recipe or asdict(cfg)
         self.family = src.spec.family
         self.model = src.model
@@ -236,9 +276,22 @@ class Calibrator:
         def run_attn(xb):
             return attn(hidden_states=n1(xb), position_embeddings=pe, attention_mask=mask)[0]
 
-        def solve(lin, h):
-            err[lin.path.rpartition(".")[2]] = self._solve(p + lin.path, layer.get_submodule(lin.path), h,
-                                                           is_down=lin is fam.down)
+        def solve(lins, h):
+            """One group of linears reading the same input: each solved on its rank, then shared."""
+            lins = lins if isinstance(lins, tuple) else (lins,)
+            mine = {}
+            for j, lin in enumerate(lins):
+                if self.group.owner(j) == self.group.rank:
+                    mine[j] = self._solve(p + lin.path, layer.get_submodule(lin.path), h, is_down=lin is fam.down)
+            for j, lin in enumerate(lins):
+                name, mod = p + lin.path, layer.get_submodule(lin.path)
+                got = (self.linears.get(name), mod.weight.detach().cpu(), mine[j]) if j in mine else None
+                ql, w, e = self.group.share(got, self.group.owner(j))
+                if j not in mine:
+                    mod.weight.data.copy_(w.to(self.dev))
+                    if ql is not None:
+                        self.linears[name] = ql
+                err[lin.path.rpartition(".")[2]] = e
 
         def inputs_of(module, run, take) -> None:
             hook = module.register_forward_hook(lambda mod, inp, out: take(inp[0]))
@@ -248,39 +301,35 @@ class Calibrator:
                 hook.remove()
 
         # A: H for q/k/v; DAC teacher with full-precision attention on the quantized stream
-        m_qkv, teacher = _Moments(hid, self.dev), torch.zeros(hid, dtype=torch.float64, device=self.dev)
+        m_qkv, teacher = _Moments(hid, self.dev, self.group), _Total((hid,), self.dev, self.group)
         for xb in x:
             m_qkv.add(n1(xb))
             if cfg.uses_dac:
-                teacher += n2(xb + post_attn(run_attn(xb))).reshape(-1, hid).double().sum(0)
-        h = m_qkv.hessian()
-        for lin in fam.qkv:
-            solve(lin, h)
+                teacher.add(n2(xb + post_attn(run_attn(xb))).reshape(-1, hid).double().sum(0))
+        solve(fam.qkv, m_qkv.hessian())
         # B: H for o on the context of quantized q/k/v
         ctx = Activations.like(x)
         inputs_of(o_proj, lambda: [run_attn(xb) for xb in x], ctx.append)
-        m_o = _Moments(o_proj.in_features, self.dev)
+        m_o = _Moments(o_proj.in_features, self.dev, self.group)
         for c in ctx:
             m_o.add(c)
         solve(fam.o, m_o.hessian())
         # C: student norm output, DAC bias, H for gate/up on the corrected activations
         hs = Activations.like(x, (xb + post_attn(o_proj(c)) for xb, c in zip(x, ctx)))
         ctx.close()
-        m_gu = _Moments(hid, self.dev)
+        m_gu = _Moments(hid, self.dev, self.group)
         for hb in hs:
             m_gu.add(n2(hb))
         b = None
         stats = {}
         if cfg.uses_dac:
-            b = (teacher / m_gu.n).float() - m_gu.mean()
-            rms = (torch.diagonal(m_gu.xtx).sum() / (m_gu.n * hid)).sqrt().float()
+            b = (teacher.total() / m_gu.n).float() - m_gu.mean()
+            rms = m_gu.energy().sqrt().float()
             stats["dac_shift"] = float(b.norm() / math.sqrt(hid) / rms)
-        h = m_gu.hessian(b)
-        for lin in fam.gate_up:
-            solve(lin, h)
+        solve(fam.gate_up, m_gu.hessian(b))
         # D: H for down on the quantized gate/up product (summed as it is made, never kept)
         shift = 0 if b is None else b
-        m_d = _Moments(down_proj.in_features, self.dev)
+        m_d = _Moments(down_proj.in_features, self.dev, self.group)
         inputs_of(down_proj, lambda: [mlp(n2(hb) + shift) for hb in hs], m_d.add)
         solve(fam.down, m_d.hessian())
         self._fold_col_scale(p, layer)
@@ -366,8 +415,9 @@ class Calibrator:
                 xf = Activations.like(x, (t.to(dev) for t in resumed["xf"]))
         else:
             W.load(inner.embed_tokens, "model.embed_tokens.", dev)
-            for i in range(0, calib.shape[0], cfg.batch):
-                x.append(inner.embed_tokens(calib[i:i + cfg.batch].to(dev)))
+            starts = range(0, calib.shape[0], cfg.batch)
+            for j in self.group.share_of(len(starts)):  # this rank's batches (all of them in one process)
+                x.append(inner.embed_tokens(calib[starts[j]:starts[j] + cfg.batch].to(dev)))
             if cfg.uses_dac:  # the float model's own stream: the final norm's DAC teacher
                 xf = Activations.like(x, x)
         t = calib.shape[1]
@@ -395,7 +445,7 @@ class Calibrator:
         if xf is None:
             return None
         W.load(inner.norm, "model.norm.", dev)
-        b = _token_mean([inner.norm(h) for h in xf]) - _token_mean([inner.norm(h) for h in x])
+        b = _token_mean((inner.norm(h) for h in xf), self.group) - _token_mean((inner.norm(h) for h in x), self.group)
         self.report["final_dac_shift"] = float(b.norm() / math.sqrt(b.numel()))
         return b
 
@@ -468,8 +518,10 @@ def quantize_embeddings(qm: QuantizedModel, bits: int, group: int) -> QuantizedM
 
 def quantize(src: Source, calib: torch.Tensor | None, cfg: QuantConfig,
              on_layer: Callable[[int, dict], None] | None = None,
-             sink: CheckpointWriter | None = None, recipe: dict | None = None) -> QuantizedModel:
+             sink: CheckpointWriter | None = None, recipe: dict | None = None,
+             group: Group = SINGLE) -> QuantizedModel:
     """Calibrate ``src.model`` in place and return the quantized model; with ``sink`` each layer
     is written to the checkpoint as it is finished and the result is read back from it.
-    ``recipe``: how it was made, as recorded (default: ``cfg`` as a dict)."""
-    return Calibrator(src, cfg, on_layer, sink, recipe).run(calib)
+    ``recipe``: how it was made, as recorded (default: ``cfg`` as a dict). ``group``: the
+    processes calibrating together (d2quant.distributed); each passes its own ``sink``."""
+    return Calibrator(src, cfg, on_layer, sink, recipe, group).run(calib)

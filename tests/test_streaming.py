@@ -166,3 +166,33 @@ def test_cli_streams_into_a_gguf_llama_cpp_loads(tiny_hf_dir, tmp_path):
     r = invoke("quantize", tiny_hf_dir, "--resume", "-o", tmp_path / "ck", *CAL)
     assert r.exit_code == 2 and "no interrupted run" in r.output
     assert not (tmp_path / "ck").exists()
+
+
+def test_two_gloo_processes_give_the_same_checkpoint(sharded_dir, tmp_path):
+    """torchrun --nproc-per-node 2 (gloo on CPU): samples split over the ranks, sums chained in
+    batch order, linears solved on both ranks: every checkpoint file equals one process's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_cli import CAL, invoke
+
+    args = ["quantize", str(sharded_dir), "--method", "d2quant", "--bits", "3", "--group-size", "32",
+            "--stream", *[str(a) for a in CAL], "--nsamples", "24"]  # 3 batches of 8: 1 + 2 per rank
+    r = invoke(*args, "-o", tmp_path / "one")
+    assert r.exit_code == 0, r.output
+    exe = Path(sys.executable).with_name("d2export")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", "29533", str(exe), *args, "-o", str(tmp_path / "two")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    files = sorted(f.relative_to(one) for f in one.rglob("*.safetensors"))
+    assert files == sorted(f.relative_to(two) for f in two.rglob("*.safetensors")) and len(files) == 3
+    for f in files:
+        a, b = load_file(str(one / f)), load_file(str(two / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert [x["error"] for x in ma["report"]["layers"]] == [x["error"] for x in mb["report"]["layers"]]

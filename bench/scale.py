@@ -1,0 +1,141 @@
+"""Memory scaling of calibration and export: peak RSS and wall time against model depth.
+
+Synthetic random LLaMA-shaped models (issue 13's shapes: hidden 2048 / ffn 8192 at 6, 12, 24
+layers; hidden 3072 / ffn 8192 at 28 layers, about 3B) are written once as sharded bf16 safetensors
+with SmolLM2's tokenizer, layer by layer, so making them never needs the whole model in memory.
+Each run is one ``d2export`` command in a child process; its peak RSS is the child's ``ru_maxrss``.
+Random weights say nothing about quality: these rows are about memory and time only.
+
+    python bench/scale.py --shapes 2048x8192x6 2048x8192x24 --command gguf --stream
+    python bench/scale.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
+from d2quant.data import wikitext_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "scale.jsonl"
+MODELS = ROOT / "out" / "scale" / "models"
+VOCAB = 49152  # SmolLM2's tokenizer
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    hidden, ffn, layers = (int(v) for v in text.split("x"))
+    return hidden, ffn, layers
+
+
+def make_model(hidden: int, ffn: int, layers: int, folder: Path) -> Path:
+    """A random bf16 LLaMA of this shape, one shard per decoder layer (plus one for the rest)."""
+    from transformers import LlamaConfig
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    heads = hidden // 128
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), head_dim=128,
+                      vocab_size=VOCAB, tie_word_embeddings=True, max_position_embeddings=4096,
+                      architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
+    kv = cfg.num_key_value_heads * 128
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    weight_map, total = {}, 0
+    shards = [{"model.embed_tokens.weight": rnd(VOCAB, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shards.append({p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                       p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                       p + "self_attn.q_proj.weight": rnd(hidden, hidden), p + "self_attn.k_proj.weight": rnd(kv, hidden),
+                       p + "self_attn.v_proj.weight": rnd(kv, hidden), p + "self_attn.o_proj.weight": rnd(hidden, hidden),
+                       p + "mlp.gate_proj.weight": rnd(ffn, hidden), p + "mlp.up_proj.weight": rnd(ffn, hidden),
+                       p + "mlp.down_proj.weight": rnd(hidden, ffn)})
+    n = len(shards)
+    for j, shard in enumerate(shards):
+        name = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(t.numel() * 2 for t in shard.values())
+        shards[j] = None  # written: let it go
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    cfg.save_pretrained(folder)
+    from d2quant.sources import load_source
+    load_source("smollm2-135m").tokenizer.save_pretrained(folder)
+    return folder
+
+
+def float32_bytes(folder: Path) -> int:
+    return json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"] * 2
+
+
+def run(cmd: list[str], log: Path) -> tuple[float, float, int]:
+    """(wall s, peak RSS MiB, exit code) of one command in a child process (its own rusage)."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        print(log.read_text()[-3000:])
+    return time.time() - t0, usage.ru_maxrss / 1024, p.returncode
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["2048x8192x6", "2048x8192x12", "2048x8192x24", "3072x8192x28"],
+                    help="HIDDENxFFNxLAYERS")
+    ap.add_argument("--command", default="gguf", choices=("gguf", "quantize"))
+    ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--method", default="gptq")
+    ap.add_argument("--type", default="Q4_K_M", help="GGUF preset (gguf command)")
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--table", action="store_true")
+    a = ap.parse_args(argv)
+    if a.table:
+        print("| model | layers | float32 GiB | command | stream | calibration | wall s | peak RSS GiB | RSS / float32 |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in read_rows(a.results):
+            print(f"| {r['shape']} | {r['layers']} | {r['float32_gib']:.2f} | {r['command']} {r.get('type', '')} | "
+                  f"{r['stream']} | {r['nsamples']}×{r['seqlen']} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} | "
+                  f"{r['peak_rss_gib'] / r['float32_gib']:.0%} |")
+        return
+    exe = str(Path(sys.executable).with_name("d2export"))
+    for text in a.shapes:
+        hidden, ffn, layers = parse_shape(text)
+        folder = make_model(hidden, ffn, layers, MODELS / text)
+        out = ROOT / "out" / "scale" / f"{text}-{a.command}"
+        cmd = [exe, a.command, str(folder), "--method", a.method, "--calib", str(wikitext_dir() / "valid.txt"),
+               "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--force",
+               "--stream" if a.stream else "--no-stream", "-o", str(out) + (".gguf" if a.command == "gguf" else "")]
+        if a.command == "gguf":
+            cmd += ["--type", a.type, "--no-verify"]
+        wall, rss, rc = run(cmd, out.with_suffix(".log"))
+        row = {"shape": f"{hidden}/{ffn}", "layers": layers, "float32_gib": float32_bytes(folder) / 2**30,
+               "command": a.command, "type": a.type if a.command == "gguf" else "", "stream": a.stream,
+               "method": a.method, "nsamples": a.nsamples, "seqlen": a.seqlen, "wall_s": round(wall, 1),
+               "peak_rss_gib": round(rss / 1024, 3), "rc": rc, "cmd": " ".join(cmd)}
+        print(json.dumps(row), flush=True)
+        if rc == 0:
+            append_row(a.results, row)
+
+
+if __name__ == "__main__":
+    main()
