@@ -38,9 +38,14 @@ def single_thread():
 
 
 def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> float:
+    if h is None:  # by row blocks: an embedding table's fp64 copies would be GBs
+        num = den = 0.0
+        for i in range(0, w.shape[0], 4096):
+            wi = w[i:i + 4096].double()
+            num += float(((q[i:i + 4096].double() - wi) ** 2).sum())
+            den += float((wi * wi).sum())
+        return num / max(den, 1e-30)
     e = (q - w).double()
-    if h is None:
-        return float((e.norm() / w.double().norm().clamp(min=1e-30)) ** 2)
     h = h.double()
     num = torch.einsum("nk,kl,nl->", e, h, e)
     den = torch.einsum("nk,kl,nl->", w.double(), h, w.double())
