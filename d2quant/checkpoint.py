@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from d2quant.distributed import SINGLE, Group
 from d2quant.errors import D2Error
@@ -200,10 +200,12 @@ def _linear(meta: dict, name: str, get) -> object:
 
 
 def _read_floats(folder: Path, files: dict) -> dict[str, torch.Tensor]:
-    cache: dict[str, dict] = {}
-    for file in set(files.values()):
-        cache[file] = load_file(str(folder / file))
-    return {n: cache[f][n] for n, f in files.items()}
+    """The float tensors only (a layer file's codes stay on disk)."""
+    out = {}
+    for file in sorted(set(files.values())):
+        with safe_open(str(folder / file), framework="pt") as f:
+            out.update({n: f.get_tensor(n) for n, fn in files.items() if fn == file})
+    return out
 
 
 class LazyLinears(Mapping):

@@ -433,11 +433,15 @@ class Calibrator:
                 continue
             W.load(layer, f"model.layers.{i}.", dev)
             pe, mask = pes[types[i]], masks[windows[i]]
+            t_teacher = time.time()
             if xf is not None:  # before calibration edits the layer
                 xf_next = Activations.like(x, (layer(h, attention_mask=mask, position_embeddings=pe) for h in xf))
                 xf.close()
                 xf = xf_next
+            t_teacher = time.time() - t_teacher
             x_next, stats = self._layer(i, layer, x, pe, mask)
+            if xf is not None:  # what the final-norm teacher costs (the float stream's forward)
+                stats["teacher_seconds"] = round(t_teacher, 3)
             x.close()
             x = x_next
             stream = None if self.sink is None else {"x": x.cpu(), "xf": None if xf is None else xf.cpu()}

@@ -13,7 +13,7 @@ Calibration asks for one module's weights at a time (``load``) and hands them ba
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,9 +31,6 @@ class ResidentWeights:
         module.to(device)
 
     def release(self, module: torch.nn.Module) -> None:
-        pass
-
-    def close(self) -> None:
         pass
 
 
@@ -55,30 +52,33 @@ class SafetensorsWeights:
         else:
             raise D2Error(f"{folder} has no model.safetensors nor model.safetensors.index.json; "
                           "--stream reads safetensors (drop --stream to load other formats whole)")
-        self._files = ExitStack()
-        self._shard: dict[str, object] = {}
+        # tensor name -> its shard; a shard is opened for each read and closed after, so its
+        # memory-mapped pages leave the process with it (they would count as resident otherwise)
+        self._shard: dict[str, Path] = {}
         for shard in shards:
             path = folder / shard
             if not path.is_file():
                 raise D2Error(f"shard {path} listed by the index is missing; re-download the model")
             try:
-                handle = self._files.enter_context(safe_open(str(path), framework="pt"))
+                with safe_open(str(path), framework="pt") as handle:
+                    keys = list(handle.keys())
             except Exception as e:  # a truncated or corrupt header
                 raise D2Error(f"shard {path} is corrupt ({type(e).__name__}: {e}); re-download it")
-            for name in handle.keys():
+            for name in keys:
                 if names is None or names.get(name) == shard:
-                    self._shard[name] = handle
+                    self._shard[name] = path
 
     def has(self, name: str) -> bool:
         return name in self._shard
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor in float32 on the CPU."""
-        handle = self._shard.get(name)
-        if handle is None:
+        path = self._shard.get(name)
+        if path is None:
             raise D2Error(f"the model's safetensors lack {name}; the download is incomplete")
         try:
-            t = handle.get_tensor(name).float()
+            with safe_open(str(path), framework="pt") as handle:
+                t = handle.get_tensor(name).float()
         except Exception as e:  # a shard truncated after its header
             raise D2Error(f"cannot read {name} ({type(e).__name__}: {e}); the shard is truncated, re-download it")
         if not torch.isfinite(t).all():
@@ -97,10 +97,6 @@ class SafetensorsWeights:
     def release(self, module: torch.nn.Module) -> None:
         for name, p in list(module.named_parameters()):
             _set_parameter(module, name, torch.empty_like(p, device=META))
-
-    def close(self) -> None:
-        self._files.close()
-
 
 def _set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")

@@ -161,6 +161,9 @@ def test_cli_streams_into_a_gguf_llama_cpp_loads(tiny_hf_dir, tmp_path):
                "--method", "gptq", *CAL)
     assert r.exit_code == 0, r.output
     assert "PASS" in r.output and "disk" in r.output
+    r = invoke("onnx", tiny_hf_dir, "--stream", "-o", tmp_path / "onnx", "--bits", "4", "--method", "d2quant", *CAL)
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output
     r = invoke("quantize", tiny_hf_dir, "--stream", "--calib", "self", "-o", tmp_path / "ck")
     assert r.exit_code == 2 and "whole model" in r.output
     r = invoke("quantize", tiny_hf_dir, "--resume", "-o", tmp_path / "ck", *CAL)
