@@ -194,6 +194,9 @@ def print_summary(qm: QuantizedModel) -> None:
                   f"{s['dac_shift']:.3f}" if "dac_shift" in s else "-", f"{s['seconds']:.1f}")
     console.print(t)
     extra = f", final-norm DAC shift {rep['final_dac_shift']:.4f}" if "final_dac_shift" in rep else ""
+    teacher = sum(s.get("teacher_seconds", 0) for s in rep.get("layers", []))
+    if teacher:
+        extra += f" (its float-stream teacher {teacher:.1f} s)"
     if off := rep.get("offload"):
         console.print(f"activations kept on {off['where']} ({off['gib']} GiB: {off['why']})", highlight=False)
     console.print(f"[bold]time {rep.get('seconds')} s, peak memory {rep.get('peak_mem_mb')} MiB{extra}[/] "
