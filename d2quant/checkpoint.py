@@ -97,19 +97,21 @@ class CheckpointWriter:
         if refused:
             raise D2Error(refused)
         if resume and not group.writes:
-            state = json.loads(progress.read_text())
-            self.meta, self.files, self.layers = state["linears"], state["files"], state["layers"]
+            self._load_state(progress)
+
+    def _load_state(self, progress: Path) -> str:
+        """The written layers' entries from ``progress``; returns the fingerprint they were made under."""
+        state = json.loads(progress.read_text())
+        self.meta, self.files, self.layers = state["linears"], state["files"], state["layers"]
+        return state["fingerprint"]
 
     def _open(self, progress: Path, resume: bool, force: bool) -> None:
-        fp = self.fp
         if resume:
             if not progress.is_file():
                 raise D2Error(f"--resume: there is no interrupted run at {self.partial}; drop --resume")
-            state = json.loads(progress.read_text())
-            if state["fingerprint"] != fp:
+            if self._load_state(progress) != self.fp:
                 raise D2Error(f"--resume: {self.partial} was made with other options, another model or other "
                               "calibration tokens; repeat its options, or drop --resume to start over")
-            self.meta, self.files, self.layers = state["linears"], state["files"], state["layers"]
         else:
             if self.partial.exists():
                 if not force:

@@ -284,14 +284,15 @@ class Calibrator:
                 if self.group.owner(j) == self.group.rank:
                     mine[j] = self._solve(p + lin.path, layer.get_submodule(lin.path), h, is_down=lin is fam.down)
             for j, lin in enumerate(lins):
-                name, mod = p + lin.path, layer.get_submodule(lin.path)
-                got = (self.linears.get(name), mod.weight.detach().cpu(), mine[j]) if j in mine else None
-                ql, w, e = self.group.share(got, self.group.owner(j))
-                if j not in mine:
-                    mod.weight.data.copy_(w.to(self.dev))
-                    if ql is not None:
-                        self.linears[name] = ql
-                err[lin.path.rpartition(".")[2]] = e
+                if self.group.active:  # the owner's result (codes, weight, error) to every rank
+                    name, mod = p + lin.path, layer.get_submodule(lin.path)
+                    got = (self.linears.get(name), mod.weight.detach().cpu(), mine[j]) if j in mine else None
+                    ql, w, mine[j] = self.group.share(got, self.group.owner(j))
+                    if self.group.owner(j) != self.group.rank:
+                        mod.weight.data.copy_(w.to(self.dev))
+                        if ql is not None:
+                            self.linears[name] = ql
+                err[lin.path.rpartition(".")[2]] = mine[j]
 
         def inputs_of(module, run, take) -> None:
             hook = module.register_forward_hook(lambda mod, inp, out: take(inp[0]))
@@ -418,6 +419,7 @@ class Calibrator:
             starts = range(0, calib.shape[0], cfg.batch)
             for j in self.group.share_of(len(starts)):  # this rank's batches (all of them in one process)
                 x.append(inner.embed_tokens(calib[starts[j]:starts[j] + cfg.batch].to(dev)))
+            W.release(inner.embed_tokens)  # a streamed table leaves the device (the head reads it again)
             if cfg.uses_dac:  # the float model's own stream: the final norm's DAC teacher
                 xf = Activations.like(x, x)
         t = calib.shape[1]
@@ -428,9 +430,8 @@ class Calibrator:
         pes = {ty: fam.position_embeddings(inner, probe, pos, ty) for ty in dict.fromkeys(types)}
         windows = fam.sliding_windows(hf, len(types))
         masks = {w: _causal_mask(t, dev, w) for w in dict.fromkeys(windows)}
-        for i, layer in enumerate(inner.layers):
-            if i < start:
-                continue
+        for i in range(start, len(inner.layers)):
+            layer = inner.layers[i]
             W.load(layer, f"model.layers.{i}.", dev)
             pe, mask = pes[types[i]], masks[windows[i]]
             t_teacher = time.time()

@@ -169,10 +169,11 @@ def _stream_source(model: str | None) -> Source:
         _check_gguf_arch(path)
         if _gguf_cache(path) is None:  # decoded whole once, then read from the float copy
             load_source(str(path))
-        folder = Path(_gguf_cache(path) or "")
-        if not (folder / "config.json").is_file():
+        cached = _gguf_cache(path)
+        if cached is None:
             raise D2Error(f"the float copy of {path} could not be cached (is the cache writable? "
                           "set D2EXPORT_CACHE); drop --stream to load it whole")
+        folder = Path(cached)
     else:
         _check_hf_arch(path)
     weights = SafetensorsWeights(folder)

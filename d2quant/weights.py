@@ -68,9 +68,6 @@ class SafetensorsWeights:
                 if names is None or names.get(name) == shard:
                     self._shard[name] = path
 
-    def has(self, name: str) -> bool:
-        return name in self._shard
-
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor in float32 on the CPU."""
         path = self._shard.get(name)
