@@ -44,7 +44,7 @@ import protocol  # bench/ is on sys.path when run as a script
 from resultlog import append_row, read_rows
 from converters.gguf import PRESETS as ALL_PRESETS
 from converters.gguf import GGUFTarget, file_bits_per_weight, write_gguf
-from d2quant.data import read_text, wikitext_dir
+from d2quant.data import GENERATOR_VERSION, read_text, wikitext_dir
 from d2quant.errors import D2Error
 from d2quant.padding import param_count
 from d2quant.pipeline import QuantConfig, quantize
@@ -197,6 +197,8 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
            "bpw": round(file_bits_per_weight(path, real), 4),
            "bpw_file_elements": round(file_bits_per_weight(path), 4), "types": _types(path),
            "quant_seconds": round(quant_seconds, 1), "warnings": dropped}
+    if s.calib in protocol.GENERATED_CALIBRATIONS:  # the model's own text: which generator wrote it
+        row["generator"] = GENERATOR_VERSION
     if "shrink" in qm.recipe:  # the effective calibration settings (defaults included)
         row["config"] = {k: v for k, v in qm.recipe.items() if k not in ("grids", "calibration")}
     if "seconds" in qm.report:

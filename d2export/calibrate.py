@@ -13,6 +13,7 @@ import inspect
 import shutil
 import sys
 import tempfile
+import time
 import typing
 from dataclasses import dataclass
 from functools import wraps
@@ -128,8 +129,11 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
         check(qcfg, src)
     tokens = None
     if qcfg.method != "rtn" and group.writes:
-        with console.status(f"calibration data ({ccfg.calib}: {ccfg.nsamples} x {ccfg.seqlen} tokens)"):
+        what = f"calibration data ({ccfg.calib}: {ccfg.nsamples} x {ccfg.seqlen} tokens)"
+        t0 = time.time()
+        with console.status(what):
             tokens = calibration_tokens(ccfg, src.model, src.tokenizer, qcfg.torch_device())
+        console.print(f"{what} in {time.time() - t0:.1f} s", highlight=False)
     tokens = group.share(tokens, 0)
     if shape:
         qcfg = shape(qcfg, src, tokens)

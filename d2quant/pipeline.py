@@ -29,7 +29,7 @@ from d2quant.errors import D2Error
 from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
                            round_to_fp16, strip_col_scale)
 from d2quant.qmodel import QuantizedLinear, QuantizedModel, set_linear
-from d2quant.solver import gptq, rtn, single_thread
+from d2quant.solver import gptq_rows, rtn, single_thread
 from d2quant.sources import Source
 
 METHODS = ("rtn", "gptq", "d2quant")
@@ -210,22 +210,41 @@ class Calibrator:
         self.report: dict = {"layers": []}
 
     # ---- one linear ----------------------------------------------------------------------
-    def _solve(self, name: str, lin: torch.nn.Linear, h: torch.Tensor | None, is_down: bool = False) -> float:
-        """Quantize one linear in place; returns its Hessian-weighted relative error."""
-        w = lin.weight.detach().float()
+    def _plan(self, prefix: str, layer, lins) -> list[list[tuple]]:
+        """Linears reading one input as units of work, each a list of (name, module, grid or None
+        when kept in float): the ones on the same row-independent grid together (solved as one)."""
+        units: dict = {}
+        for lin in lins:
+            one = self._unit(prefix + lin.path, layer.get_submodule(lin.path), is_down=lin is self.family.down)
+            grid = one[2]
+            key = repr(grid) if grid is not None and grid.rows_independent else one[0]
+            units.setdefault(key, []).append(one)
+        return list(units.values())
+
+    def _unit(self, name: str, mod, is_down: bool = False) -> tuple:
         if name in self.cfg.grids and self.cfg.grids[name] is None:
-            # a preset keeps this tensor in float (rows no block fits): stored as F16, so round to it
-            lin.weight.data.copy_(round_to_fp16(w).to(lin.weight.dtype))
-            return 0.0
-        grid = self.cfg.grid_for(name, *w.shape, is_down=is_down)
+            return name, mod, None  # a preset keeps it in float (rows no block fits)
+        return name, mod, self.cfg.grid_for(name, *mod.weight.shape, is_down=is_down)
+
+    def _solve(self, unit: list[tuple], h: torch.Tensor | None) -> dict[str, float]:
+        """Quantize one unit of linears in place (see _plan); their Hessian-weighted relative errors."""
+        name, mod, grid = unit[0]
+        if grid is None:  # stored as F16, so round to it
+            mod.weight.data.copy_(round_to_fp16(mod.weight.detach().float()).to(mod.weight.dtype))
+            return {name: 0.0}
+        ws = [m.weight.detach().float() for _, m, _ in unit]
         with single_thread():
-            s = rtn(w, grid, h) if self.cfg.method == "rtn" or h is None else \
-                gptq(w, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order, shrink=self.cfg.shrink)
-        lin.weight.data.copy_(s.weight.to(lin.weight.dtype))
-        bias = getattr(lin, "bias", None)  # embeddings have none
-        bias = None if bias is None else bias.detach().float().cpu()
-        self.linears[name] = QuantizedLinear(grid, s.codes.cpu(), {k: v.cpu() for k, v in s.params.items()}, bias)
-        return s.error
+            if self.cfg.method == "rtn" or h is None:
+                solved = [rtn(w, grid, h) for w in ws]
+            else:
+                solved = gptq_rows(ws, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order,
+                                   shrink=self.cfg.shrink)
+        for (name, lin, _), s in zip(unit, solved):
+            lin.weight.data.copy_(s.weight.to(lin.weight.dtype))
+            bias = getattr(lin, "bias", None)  # embeddings have none
+            bias = None if bias is None else bias.detach().float().cpu()
+            self.linears[name] = QuantizedLinear(grid, s.codes.cpu(), {k: v.cpu() for k, v in s.params.items()}, bias)
+        return {name: s.error for (name, _, _), s in zip(unit, solved)}
 
     def _fold_col_scale(self, prefix: str, layer) -> None:
         """Move down's column scale c into the up rows: down(act(g) * c*u) == (down*c)(act(g)*u)."""
@@ -277,22 +296,23 @@ class Calibrator:
             return attn(hidden_states=n1(xb), position_embeddings=pe, attention_mask=mask)[0]
 
         def solve(lins, h):
-            """One group of linears reading the same input: each solved on its rank, then shared."""
-            lins = lins if isinstance(lins, tuple) else (lins,)
+            """Linears reading the same input: each unit solved on its rank, then shared."""
+            units = self._plan(p, layer, lins if isinstance(lins, tuple) else (lins,))
             mine = {}
-            for j, lin in enumerate(lins):
+            for j, unit in enumerate(units):
                 if self.group.owner(j) == self.group.rank:
-                    mine[j] = self._solve(p + lin.path, layer.get_submodule(lin.path), h, is_down=lin is fam.down)
-            for j, lin in enumerate(lins):
-                if self.group.active:  # the owner's result (codes, weight, error) to every rank
-                    name, mod = p + lin.path, layer.get_submodule(lin.path)
-                    got = (self.linears.get(name), mod.weight.detach().cpu(), mine[j]) if j in mine else None
-                    ql, w, mine[j] = self.group.share(got, self.group.owner(j))
-                    if self.group.owner(j) != self.group.rank:
-                        mod.weight.data.copy_(w.to(self.dev))
-                        if ql is not None:
-                            self.linears[name] = ql
-                err[lin.path.rpartition(".")[2]] = mine[j]
+                    mine.update(self._solve(unit, h))
+            for j, unit in enumerate(units):
+                for name, mod, _ in unit:
+                    if self.group.active:  # the owner's result (codes, weight, error) to every rank
+                        got = (self.linears.get(name), mod.weight.detach().cpu(), mine[name]) \
+                            if name in mine else None
+                        ql, w, mine[name] = self.group.share(got, self.group.owner(j))
+                        if self.group.owner(j) != self.group.rank:
+                            mod.weight.data.copy_(w.to(self.dev))
+                            if ql is not None:
+                                self.linears[name] = ql
+                    err[name.rpartition(".")[2]] = mine[name]
 
         def inputs_of(module, run, take) -> None:
             hook = module.register_forward_hook(lambda mod, inp, out: take(inp[0]))
@@ -345,9 +365,8 @@ class Calibrator:
 
     def _rtn_layer(self, i: int, layer) -> dict:
         t0, fam, p = time.time(), self.family, f"model.layers.{i}."
-        err = {lin.path.rpartition(".")[2]: self._solve(p + lin.path, layer.get_submodule(lin.path), None,
-                                                        is_down=lin is fam.down)
-               for lin in fam.layer_linears()}
+        err = {name.rpartition(".")[2]: e for unit in self._plan(p, layer, fam.layer_linears())
+               for name, e in self._solve(unit, None).items()}
         self._fold_col_scale(p, layer)
         return {"layer": i, "seconds": round(time.time() - t0, 2),
                 "error": {k: round(v, 5) for k, v in err.items()}}
@@ -469,9 +488,9 @@ class Calibrator:
         if not tied:
             W.load(head, "lm_head.", cpu)
         if "model.embed_tokens" in self.cfg.grids:
-            self._solve("model.embed_tokens", emb, None)
+            self._solve([self._unit("model.embed_tokens", emb)], None)
         if "lm_head" in self.cfg.grids and not tied:
-            self._solve("lm_head", head, None)
+            self._solve([self._unit("lm_head", head)], None)
         if final_bias is None:
             return None
         # through the head as written (a quantized head's, or tied embeddings' dequantized weight)

@@ -60,6 +60,12 @@ def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None) -> Solved:
 
 def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
          block: int = 128, act_order: bool = False, shrink: float = 0.0) -> Solved:
+    """GPTQ of one weight (see gptq_rows)."""
+    return gptq_rows([w], h, grid, damp, block, act_order, shrink)[0]
+
+
+def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float = 0.01,
+              block: int = 128, act_order: bool = False, shrink: float = 0.0) -> list[Solved]:
     """GPTQ (Frantar et al.) with lazy block updates; groups never straddle a block.
 
     shrink: solve with H' = (1 - shrink) H + shrink diag(H). At 1 the off-diagonal correlations,
@@ -76,8 +82,15 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
     the unit's block of the remaining problem's Hessian, [(U_uu^T U_uu)^-1]_jj with U the upper
     Cholesky factor of H^-1; the error is pushed into the later columns exactly, through
     (W_u - Q_u) U_uu^-1 U_u,rest. Act order permutes whole units, by their summed diagonal.
+
+    ws: weights that read the same input (so one H), solved as one matrix of stacked rows: GPTQ
+    treats rows independently, so on a grid whose rows fit independently this is the result of
+    solving each alone, with one column loop instead of several (q/k, gate/up). One Solved each.
     """
-    w = w.detach().float().clone()
+    if len(ws) > 1 and not grid.rows_independent:
+        raise D2Error(f"{grid!r} fits its parameters across rows; solve these weights one by one")
+    sizes = [t.shape[0] for t in ws]
+    w = torch.cat([t.detach().float() for t in ws]) if len(ws) > 1 else ws[0].detach().float().clone()
     n, k = w.shape
     h = h.detach().float().clone()
     if shrink:
@@ -91,7 +104,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
     unit = getattr(grid, "unit", 1)
     static = None
     if act_order:
-        static = [grid.fit(w[:, c:c + g], h_orig_diag[c:c + g]) for c in range(0, k, g)]
+        static = grid.fit_groups(w, h_orig_diag)
         if unit == 1:
             perm = torch.argsort(h_orig_diag, descending=True)
         else:  # whole units, by their summed energy
@@ -138,7 +151,13 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     params = stack_params(static if static is not None else per_group)
-    return Solved(codes, params, q_all, weighted_error(w_in, q_all, h_raw))
+    out, r = [], 0
+    for size in sizes:
+        rows = slice(r, r + size)
+        part = {name: v[rows] if v.shape[0] == n else v for name, v in params.items()}
+        out.append(Solved(codes[rows], part, q_all[rows], weighted_error(w_in[rows], q_all[rows], h_raw)))
+        r += size
+    return out
 
 
 def _vector_block(grid, w1, err1, hinv1, cols, static, per_group, h_orig_diag, codes, q_all) -> None:

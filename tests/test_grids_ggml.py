@@ -254,3 +254,21 @@ def test_invalid_codebook_codes_are_refused():
     off[0, :8] = 2 * torch.tensor(missing) + (codes[0, :8] & 1)
     with pytest.raises(D2Error, match="no point of its codebook"):
         grid.pack(off, params)
+
+
+@pytest.mark.parametrize("name", TYPES + CODEBOOK_TYPES)
+def test_fit_groups_is_fit_block_by_block(name, monkeypatch):
+    """fit_groups (all blocks at once, in row chunks) gives exactly fit's values per block,
+    zero-importance and all-zero blocks included."""
+    grid = ggml_grid(name)
+    monkeypatch.setattr(type(grid), "fit_chunk", 16 * N_COLS)  # 40 rows: chunks of 16, 16 and 8
+    rng = np.random.default_rng(3)
+    x = _heavy_rows(rng, n=40)
+    x[5, :64] = 0
+    imp = torch.from_numpy(rng.random(N_COLS).astype(np.float32)) ** 4
+    imp[:grid.group] = 0
+    for importance in (None, imp):
+        one = [grid.fit(x[:, c:c + grid.group], None if importance is None else importance[c:c + grid.group])
+               for c in range(0, N_COLS, grid.group)]
+        for a, b in zip(one, grid.fit_groups(x, importance)):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

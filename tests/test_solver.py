@@ -72,3 +72,29 @@ def test_vector_gptq_on_codebook_grids_is_exact_and_beats_rounding(name, act_ord
     assert torch.equal(grid.dequantize_matrix(s.codes, s.params), s.weight)
     grid.pack(s.codes, s.params)  # valid codebook points (and sign parity) or it raises
     assert s.error < 0.9 * rtn(w, grid, h).error, (s.error, rtn(w, grid, h).error)
+
+
+@pytest.mark.parametrize("grid", [UniformGrid(3, 64), "Q4_0", "Q4_K", "IQ3_S"], ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_weights_sharing_an_input_solved_as_one_equal_each_alone(grid, act_order):
+    """q/k or gate/up stacked into one GPTQ problem: each row is solved as if alone (codes,
+    parameters, weights and each weight's own error)."""
+    from d2quant.grids.ggml import ggml_grid
+    from d2quant.solver import gptq_rows
+
+    grid = ggml_grid(grid) if isinstance(grid, str) else grid
+    w, h = problem(n=96, k=512)
+    parts = [w[:64], w[64:]]
+    alone = [gptq(p, h, grid, act_order=act_order, shrink=0.5) for p in parts]
+    for a, b in zip(alone, gptq_rows(parts, h, grid, act_order=act_order, shrink=0.5)):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight) and a.error == b.error
+        assert a.params.keys() == b.params.keys() and all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+
+
+def test_grids_fitting_across_rows_are_not_stacked():
+    from d2quant.errors import D2Error
+    from d2quant.solver import gptq_rows
+
+    w, h = problem(k=128)
+    with pytest.raises(D2Error, match="across rows"):
+        gptq_rows([w[:48], w[48:]], h, ResidualBinaryGrid(2, 64))

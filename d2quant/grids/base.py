@@ -32,6 +32,10 @@ class Grid(ABC):
     kind: ClassVar[str] = ""
     group: int
     bits: int
+    # each row's parameters come from that row alone (so stacked weights may be solved as one, and
+    # a tall matrix fitted in row chunks)
+    rows_independent: ClassVar[bool] = True
+    fit_chunk: ClassVar[int] = 1 << 18  # weights per fit call in fit_groups
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -82,13 +86,23 @@ class Grid(ABC):
                         importance: torch.Tensor | None = None) -> tuple[torch.Tensor, Params]:
         """Round-to-nearest: codes [N, K] and params stacked over groups (fit with ``importance``
         [K] per column, like an imatrix, when given)."""
-        codes, per_group = [], []
-        for g0 in range(0, w.shape[1], self.group):
-            blk = w[:, g0:g0 + self.group]
-            p = self.fit(blk, None if importance is None else importance[g0:g0 + self.group])
-            per_group.append(p)
-            codes.append(self.quantize(blk, p))
+        per_group = self.fit_groups(w, importance)
+        codes = [self.quantize(w[:, g0:g0 + self.group], p) for g0, p in zip(range(0, w.shape[1], self.group), per_group)]
         return torch.cat(codes, 1), stack_params(per_group)
+
+    def fit_groups(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> list[Params]:
+        """fit for every group of w [N, K] from its own columns (importance [K]); a grid may do
+        them all at once, with the same result."""
+        g = self.group
+        # row chunks whose temporaries stay in the CPU's cache: a 49152-row embedding table's Q6_K fit
+        # in one call per superblock streams every temporary through memory
+        rows = max(1, self.fit_chunk // g) if self.rows_independent else w.shape[0]
+        out = []
+        for c in range(0, w.shape[1], g):
+            imp = None if importance is None else importance[c:c + g]
+            parts = [self.fit(w[r:r + rows, c:c + g], imp) for r in range(0, w.shape[0], rows)]
+            out.append(parts[0] if len(parts) == 1 else {k: torch.cat([q[k] for q in parts]) for k in parts[0]})
+        return out
 
     def dequantize_matrix(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         out = []

@@ -38,6 +38,7 @@ def _fit_col_scale(w: torch.Tensor, d: torch.Tensor, c_old: torch.Tensor) -> tor
 
 class ResidualBinaryGrid(Grid):
     kind = "rbin"
+    rows_independent = False  # the column scale is fitted over all rows
 
     def __init__(self, bits: int, group: int):
         if bits not in (2, 3):
@@ -117,6 +118,7 @@ class ResidualBinaryGrid(Grid):
 
 class DualScaleGrid(Grid):
     kind = "dual"
+    rows_independent = False  # the column scale is fitted over all rows
 
     def __init__(self, base: dict):
         self.base = grid_from_spec(base)

@@ -85,6 +85,10 @@ class _Levels:
     def value(self, u: torch.Tensor) -> torch.Tensor:
         return u + self.lo if self.uniform else _on(self.values, u)[u.long()]
 
+    def nearest(self, t: torch.Tensor) -> torch.Tensor:
+        """value(code(t)); on an integer range the rounded t clamped to it (the same numbers)."""
+        return t.round().clamp(self.lo, self.hi) if self.uniform else self.value(self.code(t))
+
 
 def _on(table: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return table if table.device == like.device else table.to(like.device)
@@ -111,7 +115,7 @@ def _search_scale(x: torch.Tensor, w: torch.Tensor, lv: _Levels,
             continue
         for f in factors:
             s = xm / (target * f)
-            q = lv.value(lv.code(x / _safe(s).unsqueeze(-1)))
+            q = lv.nearest(x / _safe(s).unsqueeze(-1))
             wq = w * q
             sxq, sqq = (wq * x).sum(-1), (wq * q).sum(-1)
             s = torch.where(sqq > 0, sxq / sqq.clamp(min=1e-30), torch.zeros_like(sqq))
@@ -401,18 +405,33 @@ class _Block32Grid(_GgmlGrid):
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
         self._check_group(w)
-        x = w.float()
-        imp = _importance(importance, x).unsqueeze(0)
+        p = self._fit_blocks(w.float().unsqueeze(1), _importance(importance, w).unsqueeze(0))
+        return {k: v[:, 0] for k, v in p.items()}
+
+    def fit_groups(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> list[Params]:
+        """Every block of w at once (the same values as fit per block), in row chunks that stay in
+        cache: per-block calls spend most of their time in dispatch on small tensors."""
+        n, k = w.shape
+        self.check_shape(n, k)
+        imp = torch.stack([_importance(None if importance is None else importance[c:c + 32], w[:, c:c + 32])
+                           for c in range(0, k, 32)])
+        rows = max(1, self.fit_chunk // k)
+        parts = [self._fit_blocks(w[r:r + rows].float().reshape(-1, k // 32, 32), imp) for r in range(0, n, rows)]
+        p = {name: torch.cat([q[name] for q in parts]) for name in parts[0]}
+        return [{name: v[:, gi] for name, v in p.items()} for gi in range(k // 32)]
+
+    def _fit_blocks(self, x: torch.Tensor, imp: torch.Tensor) -> Params:
+        """x [..., 32] blocks, imp their column weights (broadcast) -> params [...]."""
         s, _ = _search_scale(x, imp, self.levels)
         best, best_e = None, None
         for _ in range(_POLISH_ROUNDS):  # store in fp16, requantize, refit by least squares
             p = {"d": round_to_fp16(s)}
-            q = self.levels.value(self.quantize(x, p).float())
-            e = (imp * (x - p["d"].unsqueeze(1) * q) ** 2).sum(1)
+            q = self.levels.nearest(x / _safe(p["d"]).unsqueeze(-1))
+            e = (imp * (x - p["d"].unsqueeze(-1) * q) ** 2).sum(-1)
             best, best_e = _keep_better(best, best_e, p, e)
             wq = imp * q
-            sqq = (wq * q).sum(1)
-            s = torch.where(sqq > 0, (wq * x).sum(1) / sqq.clamp(min=1e-30), p["d"])
+            sqq = (wq * q).sum(-1)
+            s = torch.where(sqq > 0, (wq * x).sum(-1) / sqq.clamp(min=1e-30), p["d"])
         return best
 
     def _pack_blocks(self, u, p):
@@ -469,18 +488,16 @@ class Q4_1Grid(_Block32Grid):
         n = len(cols)
         return p["d"].float().unsqueeze(-1).expand(-1, n), p["m"].float().unsqueeze(-1).expand(-1, n)
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
-        self._check_group(w)
-        x = w.float()
-        imp = _importance(importance, x).unsqueeze(0)
+    def _fit_blocks(self, x: torch.Tensor, imp: torch.Tensor) -> Params:
         s, o, _ = _search_affine(x, imp, self.nmax, offset_le_zero=False)
         best, best_e = None, None
         for _ in range(_POLISH_ROUNDS):
             p = {"d": round_to_fp16(s), "m": round_to_fp16(o)}
-            u = self.quantize(x, p).float()
-            e = (imp * (x - (p["d"].unsqueeze(1) * u + p["m"].unsqueeze(1))) ** 2).sum(1)
+            d, m = p["d"].unsqueeze(-1), p["m"].unsqueeze(-1)
+            u = self.levels.code((x - m) / _safe(d))
+            e = (imp * (x - (d * u + m)) ** 2).sum(-1)
             best, best_e = _keep_better(best, best_e, p, e)
-            s2, o2, ok = _lsq2(x, imp, u, torch.ones_like(x), 1)
+            s2, o2, ok = _lsq2(x, imp, u, torch.ones_like(x), -1)
             s, o = torch.where(ok, s2, p["d"]), torch.where(ok, o2, p["m"])
         return best
 
@@ -726,8 +743,9 @@ def _keep_better(best: Params | None, best_e: torch.Tensor | None, p: Params, e:
     """Per row, keep whichever of two param sets has the lower error."""
     if best is None:
         return p, e
-    take = e < best_e
-    out = {k: torch.where(take.reshape(-1, *([1] * (v.dim() - 1))), p[k], v) for k, v in best.items()}
+    take = e < best_e  # per row (and block): params may carry trailing axes of their own
+    out = {k: torch.where(take.reshape(*take.shape, *([1] * (v.dim() - take.dim()))), p[k], v)
+           for k, v in best.items()}
     return out, torch.minimum(e, best_e)
 
 

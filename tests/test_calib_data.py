@@ -1,0 +1,31 @@
+"""Self-generated calibration text: seeded, full length, never end-of-text, the model left as it was."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from d2quant.data import CalibConfig, _draw, calibration_tokens
+
+
+def test_self_generation_is_seeded_full_length_and_leaves_the_model_untouched(tiny_hf_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    attention = model.config._attn_implementation
+    cfg = CalibConfig("self", nsamples=5, seqlen=40, seed=3)
+    a = calibration_tokens(cfg, model, tok, torch.device("cpu"))
+    assert a.shape == (5, 40) and a.dtype == torch.long
+    assert (a[:, 0] == tok.bos_token_id).all()
+    assert not (a[:, 2:] == tok.eos_token_id).any()  # end-of-text is never drawn
+    assert torch.equal(a, calibration_tokens(cfg, model, tok, torch.device("cpu")))
+    assert not torch.equal(a, calibration_tokens(CalibConfig("self", 5, 40, seed=4), model, tok, torch.device("cpu")))
+    for n, p in model.named_parameters():  # sampled in bfloat16, restored exactly
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+    assert model.config._attn_implementation == attention  # sampled with eager attention
+
+
+def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
+    logits = torch.log(torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]])).expand(20000, 5).contiguous()
+    got = _draw(logits, torch.Generator().manual_seed(0)).reshape(-1)
+    freq = torch.bincount(got, minlength=5).float() / got.numel()
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]), atol=0.015)
