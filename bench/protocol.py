@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "out"
 CALIBRATIONS = ("wiki", "self", "chat", "mix")
 _GENERATED = {"self": "self", "chat": "self-chat"}
-GENERATED_CALIBRATIONS = ("self", "chat", "mix")  # the ones holding text the model wrote
+GENERATED_CALIBRATIONS = (*_GENERATED, "mix")  # the ones holding text the model wrote (mix: chat)
 EVAL_SETS = ("wiki-test", "gutenberg", "pydocs")
 _PADDED_SUFFIX = "-pad"
 

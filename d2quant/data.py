@@ -146,10 +146,11 @@ def self_generated(model, tokenizer, cfg: CalibConfig, device: torch.device, bat
         gb = torch.Generator(device=device).manual_seed(cfg.seed + b0)
         kv = {_cache_keyword(model): DynamicCache(config=model.config)}  # filled in place
         step = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kv)
+        banned = eos[eos < step.logits.shape[-1]]
         rows = [ids]
         for t in range(ids.shape[1], cfg.seqlen):
             logits = step.logits[:, -1].float()
-            logits[:, eos[eos < logits.shape[1]]] = float("-inf")
+            logits[:, banned] = float("-inf")
             rows.append(_draw(logits, gb))
             if t + 1 < cfg.seqlen:
                 step = model(input_ids=rows[-1], use_cache=True, **kv)

@@ -17,7 +17,7 @@ import math
 import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -106,6 +106,13 @@ class QuantConfig:
                 grid = DualScaleGrid(spec)
         grid.check_shape(n, k)
         return grid
+
+
+class _Target(NamedTuple):
+    """A linear to quantize: its name, module, and grid (None: kept in float by the preset)."""
+    name: str
+    module: torch.nn.Module
+    grid: Grid | None
 
 
 class _Total:
@@ -210,41 +217,41 @@ class Calibrator:
         self.report: dict = {"layers": []}
 
     # ---- one linear ----------------------------------------------------------------------
-    def _plan(self, prefix: str, layer, lins) -> list[list[tuple]]:
-        """Linears reading one input as units of work, each a list of (name, module, grid or None
-        when kept in float): the ones on the same row-independent grid together (solved as one)."""
+    def _plan(self, prefix: str, layer, lins) -> list[list[_Target]]:
+        """Linears reading one input as units of work: the ones on the same row-independent grid
+        together (solved as one GPTQ problem), every other one alone."""
         units: dict = {}
         for lin in lins:
-            one = self._unit(prefix + lin.path, layer.get_submodule(lin.path), is_down=lin is self.family.down)
-            grid = one[2]
-            key = repr(grid) if grid is not None and grid.rows_independent else one[0]
-            units.setdefault(key, []).append(one)
+            t = self._target(prefix + lin.path, layer.get_submodule(lin.path), is_down=lin is self.family.down)
+            key = repr(t.grid) if t.grid is not None and t.grid.rows_independent else t.name
+            units.setdefault(key, []).append(t)
         return list(units.values())
 
-    def _unit(self, name: str, mod, is_down: bool = False) -> tuple:
+    def _target(self, name: str, mod, is_down: bool = False) -> _Target:
         if name in self.cfg.grids and self.cfg.grids[name] is None:
-            return name, mod, None  # a preset keeps it in float (rows no block fits)
-        return name, mod, self.cfg.grid_for(name, *mod.weight.shape, is_down=is_down)
+            return _Target(name, mod, None)  # a preset keeps it in float (rows no block fits)
+        return _Target(name, mod, self.cfg.grid_for(name, *mod.weight.shape, is_down=is_down))
 
-    def _solve(self, unit: list[tuple], h: torch.Tensor | None) -> dict[str, float]:
+    def _solve(self, unit: list[_Target], h: torch.Tensor | None) -> dict[str, float]:
         """Quantize one unit of linears in place (see _plan); their Hessian-weighted relative errors."""
-        name, mod, grid = unit[0]
+        grid = unit[0].grid
         if grid is None:  # stored as F16, so round to it
-            mod.weight.data.copy_(round_to_fp16(mod.weight.detach().float()).to(mod.weight.dtype))
-            return {name: 0.0}
-        ws = [m.weight.detach().float() for _, m, _ in unit]
+            w = unit[0].module.weight
+            w.data.copy_(round_to_fp16(w.detach().float()).to(w.dtype))
+            return {unit[0].name: 0.0}
+        ws = [t.module.weight.detach().float() for t in unit]
         with single_thread():
             if self.cfg.method == "rtn" or h is None:
                 solved = [rtn(w, grid, h) for w in ws]
             else:
                 solved = gptq_rows(ws, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order,
                                    shrink=self.cfg.shrink)
-        for (name, lin, _), s in zip(unit, solved):
-            lin.weight.data.copy_(s.weight.to(lin.weight.dtype))
-            bias = getattr(lin, "bias", None)  # embeddings have none
+        for t, s in zip(unit, solved):
+            t.module.weight.data.copy_(s.weight.to(t.module.weight.dtype))
+            bias = getattr(t.module, "bias", None)  # embeddings have none
             bias = None if bias is None else bias.detach().float().cpu()
-            self.linears[name] = QuantizedLinear(grid, s.codes.cpu(), {k: v.cpu() for k, v in s.params.items()}, bias)
-        return {name: s.error for (name, _, _), s in zip(unit, solved)}
+            self.linears[t.name] = QuantizedLinear(grid, s.codes.cpu(), {k: v.cpu() for k, v in s.params.items()}, bias)
+        return {t.name: s.error for t, s in zip(unit, solved)}
 
     def _fold_col_scale(self, prefix: str, layer) -> None:
         """Move down's column scale c into the up rows: down(act(g) * c*u) == (down*c)(act(g)*u)."""
@@ -488,9 +495,9 @@ class Calibrator:
         if not tied:
             W.load(head, "lm_head.", cpu)
         if "model.embed_tokens" in self.cfg.grids:
-            self._solve([self._unit("model.embed_tokens", emb)], None)
+            self._solve([self._target("model.embed_tokens", emb)], None)
         if "lm_head" in self.cfg.grids and not tied:
-            self._solve([self._unit("lm_head", head)], None)
+            self._solve([self._target("lm_head", head)], None)
         if final_bias is None:
             return None
         # through the head as written (a quantized head's, or tied embeddings' dequantized weight)

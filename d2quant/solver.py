@@ -90,7 +90,7 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     if len(ws) > 1 and not grid.rows_independent:
         raise D2Error(f"{grid!r} fits its parameters across rows; solve these weights one by one")
     sizes = [t.shape[0] for t in ws]
-    w = torch.cat([t.detach().float() for t in ws]) if len(ws) > 1 else ws[0].detach().float().clone()
+    w = torch.cat([t.detach().float() for t in ws])  # a copy, even of one
     n, k = w.shape
     h = h.detach().float().clone()
     if shrink:

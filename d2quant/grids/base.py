@@ -87,22 +87,34 @@ class Grid(ABC):
         """Round-to-nearest: codes [N, K] and params stacked over groups (fit with ``importance``
         [K] per column, like an imatrix, when given)."""
         per_group = self.fit_groups(w, importance)
-        codes = [self.quantize(w[:, g0:g0 + self.group], p) for g0, p in zip(range(0, w.shape[1], self.group), per_group)]
+        codes = [self.quantize(w[:, c:c + self.group], p)
+                 for c, p in zip(range(0, w.shape[1], self.group), per_group)]
         return torch.cat(codes, 1), stack_params(per_group)
 
     def fit_groups(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> list[Params]:
-        """fit for every group of w [N, K] from its own columns (importance [K]); a grid may do
-        them all at once, with the same result."""
+        """fit for every group of w [N, K] from its own columns (importance [K]), the same values.
+
+        A row-independent grid is fitted in row chunks whose temporaries stay in the CPU's cache (a
+        49152-row embedding table's Q6_K fit in one call per superblock streams every temporary
+        through memory)."""
+        if not self.rows_independent:
+            return self._fit_rows(w, importance)
+        rows = max(1, self.fit_chunk // self._fit_width(w.shape[1]))
+        parts = [self._fit_rows(w[r:r + rows], importance) for r in range(0, w.shape[0], rows)]
+        if len(parts) == 1:
+            return parts[0]
+        return [{k: torch.cat([part[gi][k] for part in parts]) for k in group}
+                for gi, group in enumerate(parts[0])]
+
+    def _fit_width(self, n_cols: int) -> int:
+        """Columns one fit call of _fit_rows works on at a time."""
+        return self.group
+
+    def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor | None) -> list[Params]:
+        """fit_groups on a chunk of rows: group by group (a grid may fit them all at once)."""
         g = self.group
-        # row chunks whose temporaries stay in the CPU's cache: a 49152-row embedding table's Q6_K fit
-        # in one call per superblock streams every temporary through memory
-        rows = max(1, self.fit_chunk // g) if self.rows_independent else w.shape[0]
-        out = []
-        for c in range(0, w.shape[1], g):
-            imp = None if importance is None else importance[c:c + g]
-            parts = [self.fit(w[r:r + rows, c:c + g], imp) for r in range(0, w.shape[0], rows)]
-            out.append(parts[0] if len(parts) == 1 else {k: torch.cat([q[k] for q in parts]) for k in parts[0]})
-        return out
+        return [self.fit(w[:, c:c + g], None if importance is None else importance[c:c + g])
+                for c in range(0, w.shape[1], g)]
 
     def dequantize_matrix(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         out = []

@@ -408,16 +408,17 @@ class _Block32Grid(_GgmlGrid):
         p = self._fit_blocks(w.float().unsqueeze(1), _importance(importance, w).unsqueeze(0))
         return {k: v[:, 0] for k, v in p.items()}
 
-    def fit_groups(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> list[Params]:
-        """Every block of w at once (the same values as fit per block), in row chunks that stay in
-        cache: per-block calls spend most of their time in dispatch on small tensors."""
+    def _fit_width(self, n_cols: int) -> int:
+        return n_cols
+
+    def _fit_rows(self, w: torch.Tensor, importance: torch.Tensor | None) -> list[Params]:
+        """Every block of the rows at once: block by block, the calls spend most of their time in
+        dispatch on small tensors."""
         n, k = w.shape
         self.check_shape(n, k)
         imp = torch.stack([_importance(None if importance is None else importance[c:c + 32], w[:, c:c + 32])
                            for c in range(0, k, 32)])
-        rows = max(1, self.fit_chunk // k)
-        parts = [self._fit_blocks(w[r:r + rows].float().reshape(-1, k // 32, 32), imp) for r in range(0, n, rows)]
-        p = {name: torch.cat([q[name] for q in parts]) for name in parts[0]}
+        p = self._fit_blocks(w.float().reshape(n, k // 32, 32), imp)
         return [{name: v[:, gi] for name, v in p.items()} for gi in range(k // 32)]
 
     def _fit_blocks(self, x: torch.Tensor, imp: torch.Tensor) -> Params:
