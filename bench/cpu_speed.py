@@ -1,0 +1,71 @@
+"""The CPU hot spots of the README job, measured one by one (issue 13, item 6).
+
+    python bench/cpu_speed.py           # prints one line per measurement
+
+Self-generation of SmolLM2's 32 x 512 calibration tokens as the job does it; one decode step's
+lm_head matmul (32 rows) in float32 and bfloat16; attention for one query row over 500 cached
+keys (GQA 9:3) with torch's SDPA in both dtypes and with the eager path's matmuls in bfloat16;
+and the grids' fit of a whole matrix (fit_groups) in cache-sized row chunks against one call.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from d2quant.data import CalibConfig, calibration_tokens
+from d2quant.grids import grid_from_spec
+from d2quant.sources import load_source
+
+
+def _per_call(fn, n: int = 20) -> float:
+    fn()
+    t = time.time()
+    for _ in range(n):
+        fn()
+    return (time.time() - t) / n
+
+
+def generation() -> None:
+    src = load_source("smollm2-135m")
+    t = time.time()
+    calibration_tokens(CalibConfig("self", 32, 512, 0), src.model, src.tokenizer, torch.device("cpu"))
+    print(f"self-generation 32 x 512 (bf16, eager attention, KV cache): {time.time() - t:.1f} s")
+    x, w = torch.randn(32, 576), src.model.lm_head.weight.detach().float()
+    for dt in (torch.float32, torch.bfloat16):
+        xd, wd = x.to(dt), w.to(dt)
+        print(f"lm_head step [32, 576] x [49152, 576] {str(dt)[6:]}: {_per_call(lambda: F.linear(xd, wd)) * 1e3:.1f} ms")
+
+
+def attention() -> None:
+    for dt in (torch.float32, torch.bfloat16):
+        q = torch.randn(32, 9, 1, 64, dtype=dt)
+        k, v = torch.randn(32, 3, 500, 64, dtype=dt), torch.randn(32, 3, 500, 64, dtype=dt)
+        sdpa = _per_call(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)) * 1e3
+        print(f"attention, 1 query x 500 keys, 32 x 9 heads, SDPA {str(dt)[6:]}: {sdpa:.2f} ms")
+    kf, vf = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+    eager = _per_call(lambda: torch.softmax((q @ kf.transpose(-1, -2)).float() / 8, -1).to(dt) @ vf) * 1e3
+    print(f"attention, same, eager matmuls bfloat16: {eager:.2f} ms")
+
+
+def fits() -> None:
+    torch.set_num_threads(1)  # as the solver runs them
+    torch.manual_seed(0)
+    for kind, shape in (("q6_k", (8192, 2048)), ("q8_0", (49152, 576))):
+        grid, w = grid_from_spec({"kind": kind}), torch.randn(*shape) * 0.02
+        cls = type(grid)
+        default = cls.fit_chunk
+        for chunk, what in ((default, "row chunks"), (shape[0] * shape[1], "one call")):
+            cls.fit_chunk = chunk
+            t = time.time()
+            grid.fit_groups(w)
+            print(f"fit_groups {kind} {shape[0]} x {shape[1]}, {what}: {time.time() - t:.1f} s")
+        cls.fit_chunk = default
+
+
+if __name__ == "__main__":
+    generation()
+    attention()
+    fits()
