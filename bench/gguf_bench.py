@@ -44,7 +44,7 @@ import protocol  # bench/ is on sys.path when run as a script
 from resultlog import append_row, read_rows
 from converters.gguf import PRESETS as ALL_PRESETS
 from converters.gguf import GGUFTarget, file_bits_per_weight, write_gguf
-from d2quant.data import GENERATOR_VERSION, read_text, wikitext_dir
+from d2quant.data import generator_id, read_text, wikitext_dir
 from d2quant.errors import D2Error
 from d2quant.padding import param_count
 from d2quant.pipeline import QuantConfig, quantize
@@ -109,8 +109,10 @@ def _calib_tokens(model: str, src: Source, s: Settings) -> torch.Tensor:
     return protocol.calib_tokens(s.calib, model, src.model, src.tokenizer, s.nsamples, s.seqlen, base)
 
 
-def make_model(base: Source, model: str, preset: str, method: str, s: Settings) -> QuantizedModel:
-    """``method``'s quantized model of a fresh copy of ``base`` (calibration edits its model)."""
+def make_model(base: Source, model: str, preset: str, method: str, s: Settings,
+               target: GGUFTarget | None = None) -> QuantizedModel:
+    """``method``'s quantized model of a fresh copy of ``base`` (calibration edits its model), onto
+    ``preset``'s types or, for our methods, onto those of ``target`` (bench/frontier.py's recipes)."""
     src = dataclasses.replace(base, model=copy.deepcopy(base.model), spec=copy.deepcopy(base.spec))
     if method == "float":
         return QuantizedModel.unquantized(src)
@@ -120,7 +122,7 @@ def make_model(base: Source, model: str, preset: str, method: str, s: Settings) 
     if method == "llamacpp-imatrix":
         return quantize_with_libggml(src, preset, collect_importance(src, tokens))
     name, levers = method_config(method)  # what `d2export gguf` runs, through the same target
-    cfg = GGUFTarget(preset).quant_config(QuantConfig(method=name, device=s.device, **levers), src, tokens)
+    cfg = (target or GGUFTarget(preset)).quant_config(QuantConfig(method=name, device=s.device, **levers), src, tokens)
     return quantize(src, tokens, cfg)
 
 
@@ -184,12 +186,13 @@ def eval_sets(base: Source, model: str, s: Settings) -> list[protocol.EvalSet]:
 
 
 def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
-            sets: list[protocol.EvalSet]) -> dict:
+            sets: list[protocol.EvalSet], target: GGUFTarget | None = None) -> dict:
+    """One scored file. ``target``: types other than a preset's (``preset`` then only labels it)."""
     t0 = time.time()
-    qm = make_model(base, model, preset, method, s)
+    qm = make_model(base, model, preset, method, s, target)
     quant_seconds = time.time() - t0
     path = s.out_dir / f"{model}-{preset}-{method}-{s.calib}{s.nsamples}x{s.seqlen}.gguf"
-    dropped = write(qm, path, None if method == "float" else preset)
+    dropped = write(qm, path, None if method == "float" or target else preset)
     real = base.info.get("real_params") or param_count(base.model)
     row = {"model": model, "preset": preset, "method": method, "calib": s.calib,
            "nsamples": s.nsamples, "seqlen": s.seqlen, "windows": s.windows, "ctx": s.ctx,
@@ -198,7 +201,7 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
            "bpw_file_elements": round(file_bits_per_weight(path), 4), "types": _types(path),
            "quant_seconds": round(quant_seconds, 1), "warnings": dropped}
     if s.calib in protocol.GENERATED_CALIBRATIONS:  # the model's own text: which generator wrote it
-        row["generator"] = GENERATOR_VERSION
+        row["generator"] = generator_id(torch.device("cpu"))
     if "shrink" in qm.recipe:  # the effective calibration settings (defaults included)
         row["config"] = {k: v for k, v in qm.recipe.items() if k not in ("grids", "calibration")}
     if "seconds" in qm.report:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from corpora import corpus_path  # bench/ is on sys.path when run as a script
-from d2quant.data import GENERATOR_VERSION, CalibConfig, calibration_tokens, read_text, wikitext_dir
+from d2quant.data import CalibConfig, calibration_tokens, generator_id, read_text, wikitext_dir
 from d2quant.errors import D2Error
 from d2quant.evaluate import (LogitsBackend, log_probs, log_softmax_nll, summarize_kl, token_kl,
                               windows)
@@ -90,7 +90,7 @@ def calib_tokens(calib: str, model_name: str, model, tokenizer, nsamples: int, s
         return torch.cat([calib_tokens("wiki", model_name, model, tokenizer, half, seqlen),
                           calib_tokens("chat", model_name, model, tokenizer, nsamples - half, seqlen,
                                        base_model)])
-    path = OUT / "calib" / f"{_base_name(model_name)}-{calib}-{nsamples}x{seqlen}-seed0-gen{GENERATOR_VERSION}.pt"
+    path = OUT / "calib" / f"{_base_name(model_name)}-{calib}-{nsamples}x{seqlen}-seed0-gen{generator_id(torch.device('cpu'))}.pt"
     if path.is_file():
         return torch.load(path)
     gen_model, gen_tok = base_model() if base_model else (model, tokenizer)

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from d2quant.checkpoint import CheckpointWriter, fingerprint
-from d2quant.data import CalibConfig, calibration_tokens
+from d2quant.data import CalibConfig, calibration_tokens, generator_id
 from d2quant.distributed import from_env
 from d2quant.errors import D2Error
 from d2quant.pipeline import QuantConfig, quantize
@@ -137,7 +137,10 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
     tokens = group.share(tokens, 0)
     if shape:
         qcfg = shape(qcfg, src, tokens)
-    recipe = {**dataclasses.asdict(qcfg), "calibration": dataclasses.asdict(ccfg)}
+    calib = dataclasses.asdict(ccfg)
+    if ccfg.calib in ("self", "self-chat"):  # which kernel wrote the text: it differs by hardware
+        calib["generator"] = generator_id(qcfg.torch_device())
+    recipe = {**dataclasses.asdict(qcfg), "calibration": calib}
     sink = None
     if checkpoint is not None:
         sink = CheckpointWriter(checkpoint, fingerprint(recipe, src.spec, src.info, tokens),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from d2export.calibrate import (Calibration, Force, ModelArg, calibrate, calibration_options, console,
@@ -35,7 +36,7 @@ def _friendly(fn):
         try:
             return fn(*a, **kw)
         except (D2Error, OSError) as e:  # OSError: disk full, permissions, ...
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
     return run
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from d2quant.cpu import has_amx
 from d2quant.errors import D2Error
 
 
@@ -75,26 +76,43 @@ def _hf_dataset_text(spec: str) -> str:
     return "\n\n".join(str(t) for t in ds[col][:20000])
 
 
-# What the model's own calibration text is made by; a cache of generated text names it (2: bfloat16,
-# eager attention, inverse-CDF draws; 1 was float32 with transformers' generate).
+# What the model's own calibration text is made by; a cache of generated text names it with the
+# attention kernel (generator_id). 2: bfloat16, a KV-cached decode loop, inverse-CDF draws; 1 was
+# float32 with transformers' generate.
 GENERATOR_VERSION = 2
 
 
-@contextmanager
-def sampling_precision(model):
-    """The model in bfloat16 with eager attention while it writes its own calibration text (its
-    float32 parameters and attention kernel restored exactly after; calibration runs in float32).
+def sampling_attention(device: torch.device) -> str:
+    """The attention kernel the model samples its own text with, by where it runs. Measured per
+    decode step of 32 rows x 9 heads, one query over 500 keys, in bfloat16 (bench/cpu_speed.py):
+    on a CPU with AMX tiles torch's SDPA takes 1.41 ms and the eager matmuls 6.29 ms; on AVX-512
+    BF16 without AMX SDPA is 4x slower than eager; on CUDA, SDPA (transformers' default there; not
+    measured here). A rule by the
+    hardware, not a race timed at run time: the kernels round differently, so the text, and with
+    it the file, would otherwise depend on the machine's load."""
+    return "sdpa" if device.type == "cuda" or has_amx() else "eager"
 
-    On SmolLM2, 32 x 512 tokens on 2 cores: 186 s in float32 with SDPA, 109 s like this. CPU
-    matmuls with AVX-512 BF16 run 2-3.5x faster (its lm_head: 11.6 vs 41 ms per step of 32 rows);
-    torch's bfloat16 SDPA kernel for one query row is 4x slower than the eager path's matmuls.
+
+def generator_id(device: torch.device) -> str:
+    """What wrote self-generated text on ``device``: the generator's version and its kernel."""
+    return f"{GENERATOR_VERSION}-{sampling_attention(device)}"
+
+
+@contextmanager
+def sampling_precision(model, device: torch.device):
+    """The model in bfloat16 with ``sampling_attention``'s kernel while it writes its own calibration
+    text (its float32 parameters and attention kernel restored exactly after; calibration runs in
+    float32).
+
+    On SmolLM2, 32 x 512 tokens on 2 AMD cores: 186 s in float32 with SDPA, 109 s like this. CPU
+    matmuls with AVX-512 BF16 run 2-3.5x faster (its lm_head: 11.6 vs 41 ms per step of 32 rows).
     The text is still the model's own, sampled from slightly rounded logits."""
     kept = [(p, p.data) for p in model.parameters()]
     attention = model.config._attn_implementation
     try:
         for p, data in kept:
             p.data = data.to(torch.bfloat16)
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation(sampling_attention(device))
         yield model
     finally:
         for p, data in kept:
@@ -218,7 +236,7 @@ def calibration_tokens(cfg: CalibConfig, model, tokenizer, device: torch.device)
     """[nsamples, seqlen] token ids."""
     if cfg.calib in ("self", "self-chat"):
         generate = self_generated if cfg.calib == "self" else chat_generated
-        with sampling_precision(model.to(device)):
+        with sampling_precision(model.to(device), device):
             return generate(model, tokenizer, cfg, device)
     if cfg.calib.startswith("hf:"):
         return _windows(tokenize(tokenizer, _hf_dataset_text(cfg.calib)), cfg, cfg.calib)

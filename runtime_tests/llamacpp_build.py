@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from d2quant.cpu import cpu_flags, cpu_model, has_amx
 from d2quant.errors import D2Error
 from runtime_tests.isolation import Runtime, Worker
 
@@ -46,28 +47,6 @@ _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 _COMMON = ("-DLLAVA_BUILD=OFF",)
 _MARKER = ".d2export-build.json"
 NATIVE = "runtime_tests.native.llamacpp:LlamaCppModel"  # what a llama.cpp worker process builds
-
-
-def cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    line = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
-    return line.partition(":")[2].strip() or platform.processor()
-
-
-def has_amx(flags: frozenset[str] | None = None) -> bool:
-    return any(f.startswith("amx") for f in (cpu_flags() if flags is None else flags))
 
 
 @dataclass(frozen=True)

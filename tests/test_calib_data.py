@@ -1,9 +1,11 @@
 """Self-generated calibration text: seeded, full length, never end-of-text, the model left as it was."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from d2quant.data import CalibConfig, _draw, calibration_tokens
+from d2quant import data
+from d2quant.data import CalibConfig, _draw, calibration_tokens, generator_id, sampling_precision
 
 
 def test_self_generation_is_seeded_full_length_and_leaves_the_model_untouched(tiny_hf_dir):
@@ -20,7 +22,7 @@ def test_self_generation_is_seeded_full_length_and_leaves_the_model_untouched(ti
     assert not torch.equal(a, calibration_tokens(CalibConfig("self", 5, 40, seed=4), model, tok, torch.device("cpu")))
     for n, p in model.named_parameters():  # sampled in bfloat16, restored exactly
         assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
-    assert model.config._attn_implementation == attention  # sampled with eager attention
+    assert model.config._attn_implementation == attention  # restored after sampling
 
 
 def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
@@ -29,3 +31,17 @@ def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
     freq = torch.bincount(got, minlength=5).float() / got.numel()
     assert freq[1] == 0 and freq[4] == 0
     assert torch.allclose(freq, torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]), atol=0.015)
+
+
+@pytest.mark.parametrize("amx, kernel", [(True, "sdpa"), (False, "eager")])
+def test_sampling_kernel_follows_the_cpu_and_is_named_by_the_generator(tiny_hf_dir, monkeypatch, amx, kernel):
+    monkeypatch.setattr(data, "has_amx", lambda: amx)
+    cpu = torch.device("cpu")
+    assert generator_id(cpu) == f"{data.GENERATOR_VERSION}-{kernel}"
+    assert data.sampling_attention(torch.device("cuda")) == "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    with sampling_precision(model, cpu):
+        assert model.config._attn_implementation == kernel
+    ids = calibration_tokens(CalibConfig("self", nsamples=3, seqlen=24, seed=1), model, tok, cpu)
+    assert ids.shape == (3, 24) and not (ids[:, 2:] == tok.eos_token_id).any()

@@ -199,3 +199,46 @@ def test_two_gloo_processes_give_the_same_checkpoint(sharded_dir, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
     assert [x["error"] for x in ma["report"]["layers"]] == [x["error"] for x in mb["report"]["layers"]]
+
+
+def _ranks(script: list[str], args: list[str], port: int, extra_env: dict | None = None):
+    """Two calibration processes started as torchrun starts them (env://), without its agent, which
+    would kill the survivors of a dead rank before they could report it."""
+    import os
+    import subprocess
+
+    procs = [subprocess.Popen([*script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(r),
+                                   "LOCAL_RANK": str(r), **(extra_env or {})})
+             for r in range(2)]
+    return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+
+
+def test_a_dead_rank_stops_the_others_with_one_line_and_the_checkpoint_resumes(sharded_dir, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from tests.test_cli import CAL, invoke
+
+    args = ["quantize", str(sharded_dir), "--method", "d2quant", "--bits", "3", "--group-size", "32",
+            "--stream", *[str(a) for a in CAL], "--nsamples", "24"]
+    assert invoke(*args, "-o", tmp_path / "one").exit_code == 0
+    dying = [sys.executable, str(Path(__file__).with_name("dying_rank.py"))]
+    (rc0, out0), (rc1, _) = _ranks(dying, [*args, "-o", str(tmp_path / "two")], 29541, {"D2_TEST_DIE_RANK": "1"})
+    assert rc1 == 9 and rc0 == 2, out0[-2000:]
+    assert "lost contact with the other calibration processes" in out0 and "--resume" in out0, out0[-2000:]
+    assert "Traceback" not in out0
+    partial = tmp_path / "two.partial"
+    assert json.loads((partial / "progress.json").read_text())["layers"][0]["layer"] == 0
+    assert not (tmp_path / "two").exists()
+
+    exe = [str(Path(sys.executable).with_name("d2export"))]
+    (rc0, out0), (rc1, out1) = _ranks(exe, [*args, "-o", str(tmp_path / "two"), "--resume"], 29542)
+    assert rc0 == rc1 == 0, out0[-2000:] + out1[-2000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    files = sorted(f.relative_to(one) for f in one.rglob("*.safetensors"))
+    assert files == sorted(f.relative_to(two) for f in two.rglob("*.safetensors"))
+    for f in files:
+        a, b = load_file(str(one / f)), load_file(str(two / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f

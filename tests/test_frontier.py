@@ -1,0 +1,52 @@
+"""bench/frontier.py: the llama.cpp frontier a target is compared with, and recipes that are the
+--target-size choice."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the benchmarks' own imports
+
+import frontier  # noqa: E402
+import gguf_bench as gb  # noqa: E402
+from converters.allocation import SizeTarget  # noqa: E402
+from converters.gguf import GGUFTarget  # noqa: E402
+from converters.gguf.allocate import options  # noqa: E402
+from converters.gguf.presets import FLOAT  # noqa: E402
+from d2quant.pipeline import QuantConfig  # noqa: E402
+from d2quant.sources import load_source  # noqa: E402
+
+
+def test_frontier_is_the_pareto_curve_interpolated_in_log_perplexity():
+    points = [(100, 50.0, "A"), (120, 60.0, "B"), (150, 30.0, "C"), (200, 20.0, "D")]
+    assert [p[2] for p in frontier.pareto(points)] == ["A", "C", "D"]  # B: larger and worse than A
+    ppl, between = frontier.frontier_at(points, 125)
+    assert between == "A..C" and ppl == pytest.approx(math.sqrt(50.0 * 30.0))
+    assert frontier.frontier_at(points, 200) == (pytest.approx(20.0), "C..D")
+    assert frontier.frontier_at(points[:1], 100) == (50.0, "A")
+    assert frontier.frontier_at(points, 99) is None and frontier.frontier_at(points, 201) is None
+
+
+def test_frontier_recipe_is_what_target_size_chooses(tiny_hf_dir, tmp_path):
+    model = str(tiny_hf_dir)
+    src = load_source(model)
+    s = gb.Settings("wiki", 2, 64, 1, 64, 1, 0, 0, "cpu", False, False, tmp_path)
+    kinds = tuple(sorted({o.label for opts in options(src.spec).values() for o in opts} - {FLOAT}))
+    cost, _ = frontier.costs(src, model, s, kinds)
+    assert frontier.costs(src, model, s, kinds)[0] == cost  # the second time from the cache file
+    assert frontier.target_size(src, "mib", 1.5) == 1.5 * 2**20
+    size = frontier.target_size(src, "bpw", 5.0)
+    assert frontier.target_size(src, "preset", "Q8_0") > frontier.target_size(src, "preset", "Q4_K_M") > size
+    alloc = frontier.recipe(src, cost, kinds, size, tmp_path / "recipe.json")
+    assert sum(o.nbytes for o in alloc.choice.values()) + alloc.fixed <= size
+
+    tokens = gb._calib_tokens(model, src, s)
+    cfg = QuantConfig(method="gptq", device="cpu")
+    by_size = GGUFTarget(size=SizeTarget(target_size=size)).quant_config(cfg, src, tokens)
+    by_recipe = GGUFTarget(recipe=str(tmp_path / "recipe.json")).quant_config(cfg, src, tokens)
+    assert by_recipe.grids == by_size.grids == alloc.grids()
+    assert len({g["kind"] if g else FLOAT for g in alloc.grids().values()}) > 1  # a real mix
