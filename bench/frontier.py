@@ -18,8 +18,8 @@ is the K-quants, Q8_0 and IQ4_XS.
 The frontier a target is compared against (``--report``): the presets' rows of --preset-results
 (gguf_bench's rows: llamacpp-imatrix, llamacpp, our fixed presets) on the same model, calibration
 and protocol, reduced to their Pareto points (no smaller file scores better) and interpolated in
-log-perplexity between the neighbouring points around the target's size; outside the presets'
-range there is no frontier, and the report says so.
+log-perplexity between the neighbouring points around the target's size; below the smallest
+preset the frontier is that preset (a larger file), above the largest there is none ("outside").
 
     python bench/frontier.py --models smollm2-135m-pad768 --calib wiki \\
         --methods d2quant+shrink=0.5 --targets-preset Q2_K Q3_K_S IQ2_M
@@ -145,14 +145,15 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
 
 def frontier_at(points: list[tuple[float, float, str]], size: float) -> tuple[float, str] | None:
     """The frontier's perplexity at ``size``, interpolated in log-ppl between the Pareto points
-    around it (None outside their range), and which points it came from."""
+    around it, and which points it came from. Below the smallest point: that point (the best at
+    equal or larger size, a larger file); above the largest: None (no frontier there)."""
     front = pareto(points)
+    if front and size <= front[0][0]:
+        return front[0][1], front[0][2]
     for (x0, y0, l0), (x1, y1, l1) in zip(front, front[1:]):
         if x0 <= size <= x1:
             t = (size - x0) / (x1 - x0)
             return math.exp((1 - t) * math.log(y0) + t * math.log(y1)), f"{l0}..{l1}"
-    if front and front[-1][0] == size:
-        return front[-1][1], front[-1][2]
     return None
 
 
@@ -186,7 +187,7 @@ def report(rows: list[dict], preset_rows: list[dict]) -> str:
             cur = curves(t, preset_rows, n)
             for key in ("llamacpp-imatrix", "llamacpp", "ours-fixed"):
                 f = frontier_at(cur.get(key, []), t["file_bytes"])
-                ratios.append("outside" if f is None else f"{ppl / f[0]:.3f} ({f[1]})")
+                ratios.append("no rows" if key not in cur else "outside" if f is None else f"{ppl / f[0]:.3f} ({f[1]})")
             out.append(f"| {t['model']} | {t['preset']} | {t['calib']} {protocol.domain(t['calib'], n)} | "
                        f"{t['method']} | {t['file_bytes'] / 2**20:.2f} | {t['bpw']:.3f} | {n} | {ppl:.2f} | "
                        f"{t['scores'][n]['mean_kl']:.4f} | {' | '.join(ratios)} | "

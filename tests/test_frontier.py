@@ -28,7 +28,8 @@ def test_frontier_is_the_pareto_curve_interpolated_in_log_perplexity():
     assert between == "A..C" and ppl == pytest.approx(math.sqrt(50.0 * 30.0))
     assert frontier.frontier_at(points, 200) == (pytest.approx(20.0), "C..D")
     assert frontier.frontier_at(points[:1], 100) == (50.0, "A")
-    assert frontier.frontier_at(points, 99) is None and frontier.frontier_at(points, 201) is None
+    assert frontier.frontier_at(points, 99) == (50.0, "A")  # the smallest preset, a larger file
+    assert frontier.frontier_at(points, 201) is None
 
 
 def test_frontier_recipe_is_what_target_size_chooses(tiny_hf_dir, tmp_path):
