@@ -50,7 +50,6 @@ from converters.gguf.allocate import fixed_bytes, options
 from converters.gguf.presets import FLOAT, PRESETS as ALL_PRESETS, preset_types, tensor_nbytes
 from d2quant.errors import D2Error
 from d2quant.grids.ggml import ggml_types
-from d2quant.padding import param_count
 from d2quant.sensitivity import MatrixCost, measure
 from d2quant.sources import Source, load_source
 
@@ -93,7 +92,7 @@ def target_size(base: Source, unit: str, value) -> int:
     if unit == "mib":
         return int(value * 2**20)
     if unit == "bpw":
-        return int(value * (base.info.get("real_params") or param_count(base.model)) / 8)
+        return int(value * gb.real_params(base) / 8)
     shapes = base.spec.matrix_shapes()
     return fixed_bytes(base.spec) + sum(tensor_nbytes(kind, *shapes[n]) for n, kind in
                                         preset_types(value, base.spec).items())

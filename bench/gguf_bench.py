@@ -185,6 +185,11 @@ def eval_sets(base: Source, model: str, s: Settings) -> list[protocol.EvalSet]:
                               lambda: LlamaCppDecoder(ref, n_ctx=s.ctx, n_threads=s.threads))
 
 
+def real_params(base: Source) -> int:
+    """The parameters bpw is counted over: the unpadded model's (padding zeros cost bits)."""
+    return base.info.get("real_params") or param_count(base.model)
+
+
 def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
             sets: list[protocol.EvalSet], target: GGUFTarget | None = None) -> dict:
     """One scored file. ``target``: types other than a preset's (``preset`` then only labels it)."""
@@ -193,7 +198,7 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
     quant_seconds = time.time() - t0
     path = s.out_dir / f"{model}-{preset}-{method}-{s.calib}{s.nsamples}x{s.seqlen}.gguf"
     dropped = write(qm, path, None if method == "float" or target else preset)
-    real = base.info.get("real_params") or param_count(base.model)
+    real = real_params(base)
     row = {"model": model, "preset": preset, "method": method, "calib": s.calib,
            "nsamples": s.nsamples, "seqlen": s.seqlen, "windows": s.windows, "ctx": s.ctx,
            "file": str(path), "file_bytes": path.stat().st_size, "real_params": real,

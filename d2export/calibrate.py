@@ -120,7 +120,7 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
     ccfg, qcfg = calibration.data, calibration.quant
     group = from_env(qcfg.device)  # torchrun's processes, or this one alone
     console.quiet = not group.writes
-    if qcfg.stream and ccfg.calib in ("self", "self-chat"):
+    if qcfg.stream and ccfg.generated:
         raise D2Error(f"--calib {ccfg.calib} generates text with the whole model; give a text file "
                       "(or hf:NAME) with --stream, or drop --stream")
     with console.status("loading model"):
@@ -138,7 +138,7 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
     if shape:
         qcfg = shape(qcfg, src, tokens)
     calib = dataclasses.asdict(ccfg)
-    if ccfg.calib in ("self", "self-chat"):  # which kernel wrote the text: it differs by hardware
+    if ccfg.generated:  # which kernel wrote the text: it differs by hardware
         calib["generator"] = generator_id(qcfg.torch_device())
     recipe = {**dataclasses.asdict(qcfg), "calibration": calib}
     sink = None

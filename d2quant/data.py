@@ -29,6 +29,11 @@ class CalibConfig:
     seqlen: int = 512
     seed: int = 0
 
+    @property
+    def generated(self) -> bool:
+        """The model writes this calibration text itself (by ``generator_id``)."""
+        return self.calib in ("self", "self-chat")
+
     def __post_init__(self):
         if self.nsamples < 1 or self.seqlen < 16:
             raise D2Error(f"need --nsamples >= 1 and --seqlen >= 16, got {self.nsamples}, {self.seqlen}")
@@ -87,8 +92,7 @@ def sampling_attention(device: torch.device) -> str:
     decode step of 32 rows x 9 heads, one query over 500 keys, in bfloat16 (bench/cpu_speed.py):
     on a CPU with AMX tiles torch's SDPA takes 1.41 ms and the eager matmuls 6.29 ms; on AVX-512
     BF16 without AMX SDPA is 4x slower than eager; on CUDA, SDPA (transformers' default there; not
-    measured here). A rule by the
-    hardware, not a race timed at run time: the kernels round differently, so the text, and with
+    measured here). A rule by the hardware, not a race timed at run time: the kernels round differently, so the text, and with
     it the file, would otherwise depend on the machine's load."""
     return "sdpa" if device.type == "cuda" or has_amx() else "eager"
 
@@ -234,7 +238,7 @@ def chat_generated(model, tokenizer, cfg: CalibConfig, device: torch.device, bat
 
 def calibration_tokens(cfg: CalibConfig, model, tokenizer, device: torch.device) -> torch.Tensor:
     """[nsamples, seqlen] token ids."""
-    if cfg.calib in ("self", "self-chat"):
+    if cfg.generated:
         generate = self_generated if cfg.calib == "self" else chat_generated
         with sampling_precision(model.to(device), device):
             return generate(model, tokenizer, cfg, device)
