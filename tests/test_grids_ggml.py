@@ -239,6 +239,22 @@ def test_codebook_fit_beats_llama_cpps_quantizer_with_the_same_importance(name, 
     grid.pack(codes, params)  # what the fit makes is valid on the grid
 
 
+@pytest.mark.parametrize("name", CODEBOOK_TYPES)
+def test_codebook_search_is_the_exhaustive_argmin(name):
+    """The rounding shortcut (per-coordinate nearest level, searched only where that is no point)
+    picks exactly the point an exhaustive weighted search does, targets below the smallest level
+    (a parity-flipped weight) and above the largest included."""
+    grid = ggml_grid(name)
+    rng = np.random.default_rng(11 + CODEBOOK_TYPES.index(name))
+    top = float(grid.mags.abs().max())
+    t = torch.from_numpy(rng.uniform(-0.3 * top, 1.3 * top, (4000, grid.unit)).astype(np.float32))
+    wt = torch.from_numpy(rng.uniform(0.01, 3, t.shape).astype(np.float32))
+    pts = grid.points
+    exhaustive = ((wt[:, None, :] * (t[:, None, :] - pts[None]) ** 2).sum(-1)).argmin(-1)
+    got = grid._nearest_points(t, wt)
+    assert torch.equal(got, exhaustive)
+
+
 def test_invalid_codebook_codes_are_refused():
     grid = ggml_grid("IQ2_XXS")
     codes, params = _random_codebook_inputs(grid, np.random.default_rng(0))

@@ -27,7 +27,7 @@ from d2quant.errors import D2Error
 from d2quant.grids.base import Params, round_to_fp16
 from d2quant.grids.ggml import QK_K, _f16, _from_f16, _GgmlGrid, _importance, _keep_better, _safe
 
-_ROWS_PER_CHUNK = 512  # rows searched at once: [rows, units, points] distances stay ~100 MB
+_UNITS_PER_CHUNK = 16384  # units searched at once: [units, points] distances stay <= 128 MB
 # sub-block scale search around max|x| / max level: finer where the codebook is small (cheap to search)
 _SCALE_FACTORS = {True: [0.7 + 0.05 * i for i in range(11)], False: [0.7 + 0.1 * i for i in range(6)]}
 _POLISH_ROUNDS = 2
@@ -51,6 +51,17 @@ def _point_lookup(levels: np.ndarray, n_levels: int) -> np.ndarray:
     out = np.full(n_levels ** levels.shape[1], -1, dtype=np.int64)
     out[key] = np.arange(len(levels))
     return out
+
+
+@cache
+def _point_lookup_t(name: str) -> torch.Tensor:
+    mags, levels = _codebook(name)
+    return torch.from_numpy(_point_lookup(levels, len(mags)))
+
+
+@cache
+def _level_weights(n_levels: int, unit: int) -> torch.Tensor:
+    return n_levels ** torch.arange(unit)
 
 
 class _CodebookGrid(_GgmlGrid):
@@ -125,18 +136,30 @@ class _CodebookGrid(_GgmlGrid):
         wt = torch.ones_like(x) if weight is None else weight.float().to(w.device).expand_as(x)
         if self.parity:  # an odd count of negatives: the cheapest weight takes the other sign, and
             a, neg = _even_signs(a, neg, wt)  # its magnitude is then matched from the wrong side
-        pts = self.points.to(w.device)  # [P, v]
-        pts_t, pts2_t = pts.T.contiguous(), (pts * pts).T.contiguous()
-        v = self.unit
-        idx = torch.empty(n_rows, n // v, dtype=torch.long, device=w.device)
-        for r0 in range(0, n_rows, _ROWS_PER_CHUNK):
-            ar = a[r0:r0 + _ROWS_PER_CHUNK].reshape(-1, n // v, v)
-            wr = wt[r0:r0 + _ROWS_PER_CHUNK].reshape(-1, n // v, v)
-            # sum_j wt (a - g)^2 = const - 2 sum wt a g + sum wt g^2
-            dist = torch.addmm((wr.reshape(-1, v)) @ pts2_t, (wr * ar).reshape(-1, v), pts_t, alpha=-2)
-            idx[r0:r0 + _ROWS_PER_CHUNK] = dist.argmin(-1).reshape(-1, n // v)
+        idx = self._nearest_points(a.reshape(-1, self.unit), wt.reshape(-1, self.unit))
         levels = torch.from_numpy(_codebook(self.codebook)[1]).to(w.device)[idx].reshape(n_rows, n)
         return (2 * levels + neg.long()).to(torch.int16)
+
+    def _nearest_points(self, t: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+        """Index of the point nearest each unit's target t [M, unit] under sum wt (t - g)^2 (wt > 0).
+
+        The error is separable, so where rounding each coordinate to its nearest level lands on a
+        point, that point is the optimum; only the other units are searched against every point.
+        """
+        mags, levels = _codebook(self.codebook)
+        bounds = torch.from_numpy((mags[1:] + mags[:-1]) / 2).to(t.device)
+        key = (torch.bucketize(t, bounds) * _level_weights(len(mags), self.unit).to(t.device)).sum(-1)
+        idx = _point_lookup_t(self.codebook).to(t.device)[key]
+        miss = (idx < 0).nonzero().squeeze(1)
+        if len(miss):
+            pts = self.points.to(t.device)  # [P, v]
+            # sum_j wt (t - g)^2 = const + [wt, wt t] . [g^2, -2 g]: one product against every point
+            rhs = torch.cat([pts * pts, -2 * pts], 1).T.contiguous()
+            for m in miss.split(_UNITS_PER_CHUNK):
+                wr = wt[m]
+                # min's indices: the first minimum, as argmin, at half its cost on CPU
+                idx[m] = (torch.cat([wr, wr * t[m]], 1) @ rhs).min(-1).indices
+        return idx
 
     # ---- fit ----------------------------------------------------------------------------------
     def _signed(self, q: torch.Tensor) -> torch.Tensor:
@@ -397,15 +420,7 @@ class _TernaryGrid(_CodebookGrid):
         n_rows, n = w.shape
         x = w.float() / _safe(dl) - delta
         wt = torch.ones_like(x) if weight is None else weight.float().to(w.device).expand_as(x)
-        pts = self.points.to(w.device)  # the values -1, 0, 1
-        pts_t, pts2_t = pts.T.contiguous(), (pts * pts).T.contiguous()
-        v = self.unit
-        idx = torch.empty(n_rows, n // v, dtype=torch.long, device=w.device)
-        for r0 in range(0, n_rows, _ROWS_PER_CHUNK):
-            xr = x[r0:r0 + _ROWS_PER_CHUNK].reshape(-1, v)
-            wr = wt[r0:r0 + _ROWS_PER_CHUNK].reshape(-1, v)
-            dist = torch.addmm(wr @ pts2_t, wr * xr, pts_t, alpha=-2)
-            idx[r0:r0 + _ROWS_PER_CHUNK] = dist.argmin(-1).reshape(-1, n // v)
+        idx = self._nearest_points(x.reshape(-1, self.unit), wt.reshape(-1, self.unit))
         levels = torch.from_numpy(_codebook(self.codebook)[1]).to(w.device)
         return levels[idx].reshape(n_rows, n).to(torch.int16)
 
