@@ -11,9 +11,10 @@ deterministic).
 
 Targets are sizes of tensor data: ``--targets-preset`` the bytes a preset's tensors take on the
 model (a comparison at exactly that preset's size), ``--targets-mib`` in MiB, or ``--targets-bpw``
-over the *real* parameters (the unpadded model's, as gguf_bench reports bpw). ``--kinds`` restricts the candidate types (F16 always stays one): measuring the
-codebook IQ types' rounding costs minutes per matrix on two cores (BENCHMARKS.md), so the default
-is the K-quants, Q8_0 and IQ4_XS.
+over the *real* parameters (the unpadded model's, as gguf_bench reports bpw). ``--kinds`` restricts the candidate types (F16 always stays one). The
+default is the K-quants, Q8_0 and IQ4_XS, the set the rows in BENCHMARKS.md were measured with;
+``--target-size`` also offers the IQ2/IQ3 codebook types, whose rounding costs take 3-5 s per
+768 x 2048 matrix and type on one core (BENCHMARKS.md, "codebook search").
 
 The frontier a target is compared against (``--report``): the presets' rows of --preset-results
 (gguf_bench's rows: llamacpp-imatrix, llamacpp, our fixed presets) on the same model, calibration
@@ -108,7 +109,7 @@ def recipe(base: Source, cost: dict[str, MatrixCost], kinds: tuple[str, ...], si
 
 def run_targets(a, s: gb.Settings) -> None:
     kinds = tuple(a.kinds)
-    done = {gb._key(r) for r in read_rows(a.results)}
+    done = {(*gb._key(r), tuple(r["kinds"])) for r in read_rows(a.results)}  # the candidates make a row too
     for model in a.models:
         base = load_source(model)
         sizes = [(unit, v) for unit, values in (("preset", a.targets_preset), ("mib", a.targets_mib),
@@ -116,7 +117,7 @@ def run_targets(a, s: gb.Settings) -> None:
         labels = {target_size(base, unit, v): f"target-{v}-size" if unit == "preset" else f"target-{v:g}{unit}"
                   for unit, v in sizes}
         todo = [(size, m) for size in labels for m in a.methods
-                if (model, labels[size], m, s.calib, s.nsamples, s.seqlen, s.windows, s.ctx) not in done]
+                if (model, labels[size], m, s.calib, s.nsamples, s.seqlen, s.windows, s.ctx, kinds) not in done]
         if not todo:
             continue
         cost, cost_seconds = costs(base, model, s, kinds)
@@ -132,6 +133,13 @@ def run_targets(a, s: gb.Settings) -> None:
 
 
 # ---- the frontier -----------------------------------------------------------------------------
+
+def candidates_note(row: dict) -> str:
+    """How a row's candidate types differ from the default set ('' when they do not)."""
+    kinds = set(row["kinds"])
+    extra, left = sorted(kinds - set(KINDS)), sorted(set(KINDS) - kinds)
+    return " ".join([*(f"+{k}" for k in extra), *(f"-{k}" for k in left)])
+
 
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
     """(size, ppl, label) points no smaller point beats, by size."""
@@ -187,7 +195,7 @@ def report(rows: list[dict], preset_rows: list[dict]) -> str:
             for key in ("llamacpp-imatrix", "llamacpp", "ours-fixed"):
                 f = frontier_at(cur.get(key, []), t["file_bytes"])
                 ratios.append("no rows" if key not in cur else "outside" if f is None else f"{ppl / f[0]:.3f} ({f[1]})")
-            out.append(f"| {t['model']} | {t['preset']} | {t['calib']} {protocol.domain(t['calib'], n)} | "
+            out.append(f"| {t['model']} | {' '.join(filter(None, (t['preset'], candidates_note(t))))} | {t['calib']} {protocol.domain(t['calib'], n)} | "
                        f"{t['method']} | {t['file_bytes'] / 2**20:.2f} | {t['bpw']:.3f} | {n} | {ppl:.2f} | "
                        f"{t['scores'][n]['mean_kl']:.4f} | {' | '.join(ratios)} | "
                        f"{t['sensitivity_seconds']:.0f} + {t['quant_seconds']:.0f} |")
@@ -201,12 +209,16 @@ def plot(rows: list[dict], preset_rows: list[dict], path: Path, eval_set: str) -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    groups = sorted({(r["model"], r["calib"], r["method"]) for r in rows})
-    for model, calib, method in groups:
+    group = lambda r: (r["model"], r["calib"], r["method"], candidates_note(r))  # noqa: E731
+    drawn = set()  # the preset curves once per model, calibration and method
+    for g in sorted({group(r) for r in rows}):
+        model, calib, method, note = g
         ours = sorted((r["file_bytes"], r["scores"][eval_set]["ppl"]) for r in rows
-                      if (r["model"], r["calib"], r["method"]) == (model, calib, method) and eval_set in r["scores"])
-        like = next(r for r in rows if (r["model"], r["calib"], r["method"]) == (model, calib, method))
-        for key, pts in sorted(curves(like, preset_rows, eval_set).items()):
+                      if group(r) == g and eval_set in r["scores"])
+        like = next(r for r in rows if group(r) == g)
+        preset_curves = {} if g[:3] in drawn else curves(like, preset_rows, eval_set)
+        drawn.add(g[:3])
+        for key, pts in sorted(preset_curves.items()):
             pts.sort()
             style = "--" if key == "llamacpp" else "-"
             ax.plot([p[0] / 2**20 for p in pts], [p[1] for p in pts], style, marker="s", alpha=0.8,
@@ -214,7 +226,7 @@ def plot(rows: list[dict], preset_rows: list[dict], path: Path, eval_set: str) -
             for x, y, preset in pts:
                 ax.annotate(preset, (x / 2**20, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         ax.plot([p[0] / 2**20 for p in ours], [p[1] for p in ours], marker="o", linewidth=2,
-                label=f"{method} at targets ({calib})")
+                label=f"{method} at targets{' ' + note if note else ''} ({calib})")
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel(f"llama.cpp perplexity, {eval_set}")
     ax.set_yscale("log")

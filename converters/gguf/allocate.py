@@ -3,7 +3,7 @@ matrix may take and their bytes, and saved recipes.
 
 * Options: every GGML type we calibrate onto whose block divides the matrix's rows (llama.cpp
   cannot store it otherwise), and F16, which always fits. IQ1_S / IQ1_M are left out: on the
-  models measured here they cost more than their bytes save (and their fits are slow).
+  models measured here they cost more than their bytes save.
 * Fixed bytes: the norms, in F32 (biases are not counted, as llama-quantize's bpw does not).
 """
 
