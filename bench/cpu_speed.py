@@ -1,22 +1,28 @@
 """The CPU hot spots of the README job, measured one by one (issue 13, item 6).
 
     python bench/cpu_speed.py           # prints one line per measurement
+    python bench/cpu_speed.py codebook  # one section: generation | attention | fits | codebook
 
 Self-generation of SmolLM2's 32 x 512 calibration tokens as the job does it; one decode step's
 lm_head matmul (32 rows) in float32 and bfloat16; attention for one query row over 500 cached
 keys (GQA 9:3) with torch's SDPA in both dtypes and with the eager path's matmuls in bfloat16;
 and the grids' fit of a whole matrix (fit_groups) in cache-sized row chunks against one call.
+``codebook``: the IQ types' fit of a 768 x 2048 matrix (heavy-tailed rows, an importance vector)
+with the rounding shortcut of ``_CodebookGrid._nearest_points`` and with every unit searched
+exhaustively, and whether both give the same params.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from d2quant.data import CalibConfig, calibration_tokens, generator_id
-from d2quant.grids import grid_from_spec
+from d2quant.grids import grid_from_spec, iq
 from d2quant.sources import load_source
 
 
@@ -66,7 +72,32 @@ def fits() -> None:
         cls.fit_chunk = default
 
 
+def codebook() -> None:
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 0.02).sample((768, 2048)) * (0.5 + 1.5 * torch.rand(768, 1, generator=g))
+    imp = (0.1 + 2.9 * torch.rand(2048, generator=g)) ** 2
+    every_unit_searched = mock.patch.object(iq, "_point_lookup_t", lambda name: torch.full(
+        (len(iq._codebook(name)[0]) ** iq._codebook(name)[1].shape[1],), -1))
+    for kind in ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m"):
+        grid = grid_from_spec({"kind": kind})
+        t = time.time()
+        fast = grid.fit_groups(w, imp)
+        t_fast = time.time() - t
+        with every_unit_searched:
+            t = time.time()
+            full = grid.fit_groups(w, imp)
+            t_full = time.time() - t
+        same = sum(torch.equal(a[k], b[k]) for a, b in zip(fast, full) for k in a) / sum(len(a) for a in fast)
+        print(f"fit_groups {kind} 768 x 2048: {t_fast:.1f} s with the rounding shortcut, {t_full:.1f} s "
+              f"searching every unit ({t_full / t_fast:.1f}x); identical params for {same:.2%} of the blocks' values")
+
+
+SECTIONS = {"generation": generation, "attention": attention, "fits": fits, "codebook": codebook}
+
 if __name__ == "__main__":
-    generation()
-    attention()
-    fits()
+    unknown = sorted(set(sys.argv[1:]) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"error: unknown section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    for name in sys.argv[1:] or list(SECTIONS):
+        SECTIONS[name]()
