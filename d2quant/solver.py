@@ -77,7 +77,7 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     order, so every group's parameters are fit up front on the original weights ("static
     groups") instead of on the error-updated ones when the loop reaches the group.
 
-    A vector grid (``grid.unit`` > 1: llama.cpp's codebook types) is solved unit by unit (the
+    A vector grid (``grid.solve_unit`` > 1: llama.cpp's codebook types) is solved unit by unit (the
     LDLQ / GPTVQ step): the unit's columns are coded together, each weighted by the diagonal of
     the unit's block of the remaining problem's Hessian, [(U_uu^T U_uu)^-1]_jj with U the upper
     Cholesky factor of H^-1; the error is pushed into the later columns exactly, through
@@ -101,7 +101,7 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     h_raw, w_in = h.clone(), w.clone()
     h_orig_diag = torch.diag(h_raw)
     g = grid.group
-    unit = getattr(grid, "unit", 1)
+    unit = getattr(grid, "solve_unit", 1)
     static = None
     if act_order:
         static = grid.fit_groups(w, h_orig_diag)
@@ -162,7 +162,7 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
 
 def _vector_block(grid, w1, err1, hinv1, cols, static, per_group, h_orig_diag, codes, q_all) -> None:
     """One lazy block of GPTQ on a vector grid, unit by unit (see gptq); fills err1 for the block."""
-    g, unit = grid.group, grid.unit
+    g, unit = grid.group, grid.solve_unit
     p = None
     for i in range(0, w1.shape[1], unit):
         col = cols[i]  # the unit's first column (units are contiguous in the weight's own order)

@@ -59,7 +59,7 @@ def test_shrinking_the_hessian_to_its_diagonal_removes_the_error_feedback():
     assert torch.equal(gptq(w, h, grid, act_order=True, shrink=0.0).codes, full.codes)
 
 
-@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ3_S"])
+@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ3_XXS", "IQ3_S"])  # IQ3_XXS: a parity spans 2 units
 @pytest.mark.parametrize("act_order", [False, True])
 def test_vector_gptq_on_codebook_grids_is_exact_and_beats_rounding(name, act_order):
     """The LDLQ step on llama.cpp's codebook grids: every unit a codebook point, the decoded

@@ -125,7 +125,7 @@ class DualScaleGrid(Grid):
         if isinstance(self.base, (DualScaleGrid, ResidualBinaryGrid)):
             raise D2Error("a dual-scale grid needs a plain base grid")
         self.bits, self.group = self.base.bits, self.base.group
-        self.unit = getattr(self.base, "unit", 1)  # a codebook base is solved unit by unit
+        self.solve_unit = getattr(self.base, "solve_unit", 1)  # a codebook base is solved unit by unit
 
     def spec(self) -> dict:
         return {"kind": self.kind, "base": self.base.spec()}

@@ -10,8 +10,8 @@ implied). Decode, in libggml's float32 order: ``(dl * magnitude) * sign`` with
 Codes are kept per weight, as for every other grid: ``2 * level + negative``, where ``level``
 indexes the type's magnitude table (grid_map). Only level vectors that are codebook points (and
 sign patterns with the type's parity) are valid; the packers check it. A grid quantizes a whole
-``unit`` at once (:meth:`quantize_units`): the solver's vector path calls it with the weights of
-each coordinate.
+``solve_unit`` at once (:meth:`quantize_units`: a point's ``unit``, or the 8 weights a sign parity
+spans): the solver's vector path calls it with the weights of each coordinate.
 """
 
 from __future__ import annotations
@@ -94,6 +94,12 @@ class _CodebookGrid(_GgmlGrid):
     def n_sub(self) -> int:
         return QK_K // self.sub
 
+    @property
+    def solve_unit(self) -> int:
+        """Columns the solver codes together: a point's unit, or the 8 weights one sign parity
+        spans (IQ3_XXS: two points of 4)."""
+        return 8 if self.parity else self.unit
+
     def _scale(self, d: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
         return d * (0.5 + sc) * 0.25  # IQ2; the IQ3 types override
 
@@ -115,8 +121,8 @@ class _CodebookGrid(_GgmlGrid):
         return y[:, 0] if col else y
 
     def quantize(self, w: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
-        if w.dim() != 2 or col0 % self.unit or w.shape[1] % self.unit:
-            raise D2Error(f"{self.type_name} quantizes whole runs of {self.unit} weights; the solver "
+        if w.dim() != 2 or col0 % self.solve_unit or w.shape[1] % self.solve_unit:
+            raise D2Error(f"{self.type_name} quantizes whole runs of {self.solve_unit} weights; the solver "
                           "must visit this grid unit by unit")
         return self.quantize_units(w, p, col0)
 
