@@ -77,8 +77,13 @@ def codebook() -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.distributions.Laplace(0.0, 0.02).sample((768, 2048)) * (0.5 + 1.5 * torch.rand(768, 1, generator=g))
     imp = (0.1 + 2.9 * torch.rand(2048, generator=g)) ** 2
-    every_unit_searched = mock.patch.object(iq, "_point_lookup_t", lambda name: torch.full(
-        (len(iq._codebook(name)[0]) ** iq._codebook(name)[1].shape[1],), -1))
+    tables = iq._rounding_tables
+
+    def no_point_found(name):
+        bounds, digits, lookup = tables(name)
+        return bounds, digits, torch.full_like(lookup, -1)
+
+    every_unit_searched = mock.patch.object(iq, "_rounding_tables", no_point_found)
     for kind in ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m"):
         grid = grid_from_spec({"kind": kind})
         t = time.time()

@@ -11,10 +11,11 @@ deterministic).
 
 Targets are sizes of tensor data: ``--targets-preset`` the bytes a preset's tensors take on the
 model (a comparison at exactly that preset's size), ``--targets-mib`` in MiB, or ``--targets-bpw``
-over the *real* parameters (the unpadded model's, as gguf_bench reports bpw). ``--kinds`` restricts the candidate types (F16 always stays one). The
-default is the K-quants, Q8_0 and IQ4_XS, the set the rows in BENCHMARKS.md were measured with;
-``--target-size`` also offers the IQ2/IQ3 codebook types, whose rounding costs take 3-5 s per
-768 x 2048 matrix and type on one core (BENCHMARKS.md, "codebook search").
+over the *real* parameters (the unpadded model's, as gguf_bench reports bpw). ``--kinds``
+restricts the candidate types (F16 always stays one). The default is the K-quants, Q8_0 and
+IQ4_XS, the set the rows in BENCHMARKS.md were measured with; ``--target-size`` also offers the
+IQ2/IQ3 codebook types, whose rounding costs take 3-6 s per 768 x 2048 matrix and type on one
+core (BENCHMARKS.md, "the codebook search").
 
 The frontier a target is compared against (``--report``): the presets' rows of --preset-results
 (gguf_bench's rows: llamacpp-imatrix, llamacpp, our fixed presets) on the same model, calibration

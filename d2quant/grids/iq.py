@@ -54,14 +54,12 @@ def _point_lookup(levels: np.ndarray, n_levels: int) -> np.ndarray:
 
 
 @cache
-def _point_lookup_t(name: str) -> torch.Tensor:
+def _rounding_tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(midpoints between levels, base-L digit weights [unit], point lookup) of a codebook: what
+    rounding a unit to its nearest levels and finding that point takes."""
     mags, levels = _codebook(name)
-    return torch.from_numpy(_point_lookup(levels, len(mags)))
-
-
-@cache
-def _level_weights(n_levels: int, unit: int) -> torch.Tensor:
-    return n_levels ** torch.arange(unit)
+    return (torch.from_numpy((mags[1:] + mags[:-1]) / 2), len(mags) ** torch.arange(levels.shape[1]),
+            torch.from_numpy(_point_lookup(levels, len(mags))))
 
 
 class _CodebookGrid(_GgmlGrid):
@@ -152,10 +150,8 @@ class _CodebookGrid(_GgmlGrid):
         The error is separable, so where rounding each coordinate to its nearest level lands on a
         point, that point is the optimum; only the other units are searched against every point.
         """
-        mags, levels = _codebook(self.codebook)
-        bounds = torch.from_numpy((mags[1:] + mags[:-1]) / 2).to(t.device)
-        key = (torch.bucketize(t, bounds) * _level_weights(len(mags), self.unit).to(t.device)).sum(-1)
-        idx = _point_lookup_t(self.codebook).to(t.device)[key]
+        bounds, digits, lookup = (x.to(t.device) for x in _rounding_tables(self.codebook))
+        idx = lookup[(torch.bucketize(t, bounds) * digits).sum(-1)]
         miss = (idx < 0).nonzero().squeeze(1)
         if len(miss):
             pts = self.points.to(t.device)  # [P, v]
