@@ -3,8 +3,8 @@
 Ours: for every byte target, the allocation of ``d2export gguf --target-size`` (converters.allocation
 over d2quant.sensitivity's measured costs), calibrated onto its types by ``--method`` and scored by
 llama.cpp under the domain protocol (bench/protocol.py) exactly as bench/gguf_bench.py scores a
-preset. The costs are measured once per model and calibration and kept in --out-dir, so each target
-costs one calibration; each allocation is saved as a recipe (``{"types": {matrix: kind}}``) and the
+preset. The costs are measured once per model and calibration and kept in --out-dir (a new
+candidate type is measured alone and added), so each target costs one calibration; each allocation is saved as a recipe (``{"types": {matrix: kind}}``) and the
 file is made through ``GGUFTarget(recipe=...)``, the path ``d2export gguf --recipe`` takes. Given the
 same tokens, ``--target-size`` makes the same choice (the measurement and the knapsack are
 deterministic).
@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -67,25 +66,40 @@ def _options(base: Source, kinds: tuple[str, ...]):
 
 
 def costs(base: Source, model: str, s: gb.Settings, kinds: tuple[str, ...]) -> tuple[dict[str, MatrixCost], float]:
-    """Every matrix's cost on every candidate type, measured on the calibration tokens (cached)."""
+    """Every matrix's cost on every candidate type, measured on the calibration tokens.
+
+    One cache file per model and tokens holds the probes' alphas and every (matrix, type) error
+    measured so far, so a new candidate set measures only the types it adds. The seconds returned
+    are those of the measurements its costs came from."""
     tokens = gb._calib_tokens(model, base, s)
     digest = hashlib.sha1(tokens.numpy().tobytes()).hexdigest()[:12]
-    path = s.out_dir / f"{model}-costs-{s.calib}{s.nsamples}x{s.seqlen}-{'-'.join(kinds)}-{digest}.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        return {n: MatrixCost(n, tuple(c["shape"]), c["alpha"], c["errors"]) for n, c in saved["costs"].items()}, \
-            saved["seconds"]
-    candidates = {n: {o.label: o.spec for o in opts} for n, opts in _options(base, kinds).items()}
-    t0 = time.time()
-    with Progress() as bar:
-        task = bar.add_task("sensitivity", total=len(candidates))
-        out = measure(base.model, tokens, tokens[:PROBE_WINDOWS, :PROBE_LEN], candidates,
-                      on_matrix=lambda i, n: bar.update(task, completed=i))
-    seconds = round(time.time() - t0, 1)
-    tmp = path.with_suffix(".part")
-    tmp.write_text(json.dumps({"seconds": seconds, "costs": {n: asdict(c) for n, c in out.items()}}))
-    tmp.replace(path)
-    return out, seconds
+    path = s.out_dir / f"{gb.file_stem(model)}-costs-{s.calib}{s.nsamples}x{s.seqlen}-{digest}.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {"runs": [], "costs": {}}
+    wanted = {n: {o.label: o.spec for o in opts} for n, opts in _options(base, kinds).items()}
+    missing = {n: {k: v for k, v in specs.items() if k not in saved["costs"].get(n, {}).get("errors", {})}
+               for n, specs in wanted.items()}
+    missing = {n: specs for n, specs in missing.items() if specs}
+    if missing:
+        alphas = {n: c["alpha"] for n, c in saved["costs"].items()}
+        t0 = time.time()
+        with Progress() as bar:
+            task = bar.add_task("sensitivity", total=len(missing))
+            out = measure(base.model, tokens, tokens[:PROBE_WINDOWS, :PROBE_LEN], missing,
+                          on_matrix=lambda i, n: bar.update(task, completed=i),
+                          alphas=alphas if set(missing) <= set(alphas) else None)
+        for n, c in out.items():
+            old = saved["costs"].setdefault(n, {"shape": list(c.shape), "alpha": c.alpha, "errors": {}})
+            old["errors"].update(c.errors)
+        labels = sorted({k for specs in missing.values() for k in specs})
+        saved["runs"].append({"labels": labels, "seconds": round(time.time() - t0, 1)})
+        tmp = path.with_suffix(".part")
+        tmp.write_text(json.dumps(saved))
+        tmp.replace(path)
+    used = {k for specs in wanted.values() for k in specs}
+    seconds = sum(r["seconds"] for r in saved["runs"] if used & set(r["labels"]))
+    return {n: MatrixCost(n, tuple(saved["costs"][n]["shape"]), saved["costs"][n]["alpha"],
+                          {k: saved["costs"][n]["errors"][k] for k in specs})
+            for n, specs in wanted.items()}, seconds
 
 
 def target_size(base: Source, unit: str, value) -> int:
@@ -124,7 +138,7 @@ def run_targets(a, s: gb.Settings) -> None:
         cost, cost_seconds = costs(base, model, s, kinds)
         sets = gb.eval_sets(base, model, s)
         for size, method in todo:
-            path = s.out_dir / f"{model}-{labels[size]}-{'-'.join(kinds)}.recipe.json"
+            path = s.out_dir / f"{gb.file_stem(model)}-{labels[size]}-{'-'.join(kinds)}.recipe.json"
             alloc = recipe(base, cost, kinds, size, path)
             torch.manual_seed(0)
             row = gb.run_row(base, model, labels[size], method, s, sets, GGUFTarget(recipe=str(path)))

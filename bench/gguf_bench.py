@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import time
 import warnings
 from collections import Counter
@@ -104,6 +105,15 @@ class Settings:
 
 # ---- quantized models -------------------------------------------------------------------------
 
+def file_stem(model: str) -> str:
+    """The model's part of a file name in --out-dir: its alias, or a directory's name with a hash of
+    its path (a path of its own would put the file beside the model)."""
+    if "/" not in model and "\\" not in model:
+        return model
+    where = Path(model).resolve()
+    return f"{where.name}-{hashlib.sha1(str(where).encode()).hexdigest()[:8]}"
+
+
 def _calib_tokens(model: str, src: Source, s: Settings) -> torch.Tensor:
     base = lambda: (lambda b: (b.model, b.tokenizer))(load_source(protocol._base_name(model)))  # noqa: E731
     return protocol.calib_tokens(s.calib, model, src.model, src.tokenizer, s.nsamples, s.seqlen, base)
@@ -173,7 +183,7 @@ def _types(path: Path) -> dict[str, int]:
 
 def float_file(base: Source, model: str, s: Settings) -> Path:
     """The float model as an F32 GGUF: the KL divergence reference, in the same runtime."""
-    path = s.out_dir / f"{model}-F32-float.gguf"
+    path = s.out_dir / f"{file_stem(model)}-F32-float.gguf"
     if not path.exists():
         write(QuantizedModel.unquantized(base), path, None)
     return path
@@ -196,7 +206,7 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
     t0 = time.time()
     qm = make_model(base, model, preset, method, s, target)
     quant_seconds = time.time() - t0
-    path = s.out_dir / f"{model}-{preset}-{method}-{s.calib}{s.nsamples}x{s.seqlen}.gguf"
+    path = s.out_dir / f"{file_stem(model)}-{preset}-{method}-{s.calib}{s.nsamples}x{s.seqlen}.gguf"
     dropped = write(qm, path, None if method == "float" or target else preset)
     real = real_params(base)
     row = {"model": model, "preset": preset, "method": method, "calib": s.calib,
@@ -228,7 +238,7 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
 
     if s.decode and method != "float":
         prompt = sets[0].windows[0][:32]
-        ref = s.out_dir / f"{model}-{preset}-{REFERENCE}.gguf"
+        ref = s.out_dir / f"{file_stem(model)}-{preset}-{REFERENCE}.gguf"
         if method == REFERENCE:
             row["decode_tps"] = round(decode_speed([path], prompt, s)[0], 2)
         else:

@@ -149,10 +149,13 @@ def weighted_error(w: torch.Tensor, spec: dict, importance: torch.Tensor) -> flo
 
 
 def measure(model, tokens: torch.Tensor, probe_tokens: torch.Tensor,
-            candidates: dict[str, dict[str, dict | None]], on_matrix=None) -> dict[str, MatrixCost]:
+            candidates: dict[str, dict[str, dict | None]], on_matrix=None,
+            alphas: dict[str, float] | None = None) -> dict[str, MatrixCost]:
     """The cost of every candidate for every matrix (a ``None`` spec stands for float: error 0).
 
     model: the float model (left unchanged). candidates: matrix name -> {label: grid spec}.
+    alphas: the probes' result of an earlier measurement on the same tokens, to add candidates to
+    it without probing again.
     """
     imp = collect_importance(model, tokens, scope="")
     head = getattr(model, "lm_head", None)
@@ -164,7 +167,8 @@ def measure(model, tokens: torch.Tensor, probe_tokens: torch.Tensor,
             imp[name] = imp["lm_head"]
         else:  # an embedding table is looked up, not multiplied: every column alike
             imp[name] = torch.ones(w.shape[1])
-    alphas = kl_alphas(model, probe_tokens, imp, list(candidates))
+    if alphas is None:
+        alphas = kl_alphas(model, probe_tokens, imp, list(candidates))
     out = {}
     for i, (name, specs) in enumerate(candidates.items()):
         w = model.get_submodule(name).weight.detach().float()

@@ -51,3 +51,20 @@ def test_frontier_recipe_is_what_target_size_chooses(tiny_hf_dir, tmp_path):
     by_recipe = GGUFTarget(recipe=str(tmp_path / "recipe.json")).quant_config(cfg, src, tokens)
     assert by_recipe.grids == by_size.grids == alloc.grids()
     assert len({g["kind"] if g else FLOAT for g in alloc.grids().values()}) > 1  # a real mix
+
+
+def test_frontier_costs_add_candidate_types_without_measuring_again(tiny_hf_dir, tmp_path, monkeypatch):
+    model = str(tiny_hf_dir)
+    src = load_source(model)
+    kinds = tuple(sorted({o.label for opts in options(src.spec).values() for o in opts} - {FLOAT}))
+    settings = lambda out: gb.Settings("wiki", 2, 64, 1, 64, 1, 0, 0, "cpu", False, False, out)  # noqa: E731
+    for d in "ab":
+        (tmp_path / d).mkdir()
+    at_once, _ = frontier.costs(src, model, settings(tmp_path / "a"), kinds)
+    frontier.costs(src, model, settings(tmp_path / "b"), kinds[:2])
+    measured = []
+    real = frontier.measure
+    monkeypatch.setattr(frontier, "measure", lambda *a, **k: measured.append(a[3]) or real(*a, **k))
+    added, _ = frontier.costs(src, model, settings(tmp_path / "b"), kinds)
+    assert added == at_once
+    assert {k for specs in measured[0].values() for k in specs} == set(kinds[2:])  # only the new types

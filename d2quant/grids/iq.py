@@ -62,6 +62,12 @@ def _rounding_tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
             torch.from_numpy(_point_lookup(levels, len(mags))))
 
 
+def _points_at(name: str, levels: torch.Tensor) -> torch.Tensor:
+    """Point index of every unit's level vector [..., unit] in codebook ``name`` (-1: no point)."""
+    _, digits, lookup = _rounding_tables(name)
+    return lookup.to(levels.device)[(levels * digits.to(levels.device)).sum(-1)]
+
+
 class _CodebookGrid(_GgmlGrid):
     group = QK_K
     vec_dot = "Q8_K"
@@ -150,8 +156,7 @@ class _CodebookGrid(_GgmlGrid):
         The error is separable, so where rounding each coordinate to its nearest level lands on a
         point, that point is the optimum; only the other units are searched against every point.
         """
-        bounds, digits, lookup = (x.to(t.device) for x in _rounding_tables(self.codebook))
-        idx = lookup[(torch.bucketize(t, bounds) * digits).sum(-1)]
+        idx = _points_at(self.codebook, torch.bucketize(t, _rounding_tables(self.codebook)[0].to(t.device)))
         miss = (idx < 0).nonzero().squeeze(1)
         if len(miss):
             pts = self.points.to(t.device)  # [P, v]
@@ -235,14 +240,16 @@ class _CodebookGrid(_GgmlGrid):
         return {"d": torch.where(d > 0, d, p["d"]), "sc": best["sc"]}
 
     # ---- bytes ----------------------------------------------------------------------------------
+    def _code_levels(self, u: np.ndarray) -> np.ndarray:
+        """Per-weight codes -> their magnitude levels (the low bit is the sign)."""
+        return u >> 1
+
     def _unit_index(self, u: np.ndarray) -> np.ndarray:
         """[M, 256] per-weight codes -> point index per unit [M, 256 / unit] (checked)."""
-        mags, levels = _codebook(self.codebook)
-        lv = (u >> 1).astype(np.int64).reshape(u.shape[0], -1, self.unit)
-        key = (lv * len(mags) ** np.arange(self.unit)).sum(-1)
-        idx = _point_lookup(levels, len(mags))[key]
+        lv = torch.from_numpy(self._code_levels(u).astype(np.int64).reshape(u.shape[0], -1, self.unit))
+        idx = _points_at(self.codebook, lv).numpy()
         if (idx < 0).any():
-            raise D2Error(f"{self.type_name} codes hold magnitudes that are no point of its codebook; "
+            raise D2Error(f"{self.type_name} codes hold levels that are no point of its codebook; "
                           "the tensor was not quantized on this grid")
         return idx
 
@@ -469,14 +476,8 @@ class _TernaryGrid(_CodebookGrid):
         dl1 = self._dl({"d": torch.ones_like(p["d"]), "sc": p["sc"]}, 0, QK_K)
         return dl1 * (q.float() - 1 + self._deltas(dneg))
 
-    def _unit_index(self, u):
-        _, levels = _codebook(self.codebook)
-        lv = u.astype(np.int64).reshape(u.shape[0], -1, self.unit)
-        idx = _point_lookup(levels, 3)[(lv * 3 ** np.arange(self.unit)).sum(-1)]
-        if (idx < 0).any():
-            raise D2Error(f"{self.type_name} codes are no point of its codebook; the tensor was not "
-                          "quantized on this grid")
-        return idx
+    def _code_levels(self, u):
+        return u  # no sign bit: the level is the code
 
     def _codes_from(self, idx):
         return _codebook(self.codebook)[1][idx].reshape(idx.shape[0], QK_K).astype(np.uint8)
