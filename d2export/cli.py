@@ -146,15 +146,9 @@ def gguf(
     method = calibration.quant.method
     label = target.preset or (size.label if size.active else ("recipe" if recipe else "ckpt"))
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{label}.gguf")
-    check_output(output, force)
-    _check_checkpoint_dir(save_checkpoint, force)
-    def shape(cfg, src, tokens):
-        return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
-    # its recipe (grids) lands in the GGUF metadata
-    qm = load_or_calibrate(model, calibration, shape, target.check, checkpoint=save_checkpoint, force=force)
+    qm = _quantized_for(target, model, calibration, output, save_checkpoint, force)
     if qm is None:
         return  # another process of a torchrun calibration; rank 0 writes
-    _saved(save_checkpoint)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         write_gguf(qm, output, force=force, preset=target.preset)
@@ -195,14 +189,9 @@ def onnx(
     target = ONNXTarget(bits, block_size, EMBED_BITS[embed], _size_target(target_bpw, target_size))
     options = ONNXOptions(dsq_layout, accuracy_level, "float" if embed == "float" else "quantized", attention)
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{calibration.quant.method}-{target.label}-onnx")
-    check_output(output, force)
-    _check_checkpoint_dir(save_checkpoint, force)
-    def shape(cfg, src, tokens):
-        return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
-    qm = load_or_calibrate(model, calibration, shape, target.check, checkpoint=save_checkpoint, force=force)
+    qm = _quantized_for(target, model, calibration, output, save_checkpoint, force)
     if qm is None:
         return  # another process of a torchrun calibration; rank 0 writes
-    _saved(save_checkpoint)
     if EMBED_BITS[embed]:
         qm = quantize_embeddings(qm, EMBED_BITS[embed], block_size)
     with console.status("writing ONNX"):
@@ -283,15 +272,21 @@ def _report_allocation(alloc) -> None:
     console.print(t)
 
 
-def _check_checkpoint_dir(path: Path | None, force: bool) -> None:
-    """Refuse a bad --save-checkpoint before the calibration spends minutes."""
-    if path is not None:
-        check_output(path, force)
+def _quantized_for(target, model: str | None, calibration: Calibration, output: Path,
+                   save_checkpoint: Path | None, force: bool):
+    """What a writer gets: the output paths refused before the calibration spends minutes, then the
+    model loaded from a checkpoint or calibrated onto ``target``'s types (its recipe goes into the
+    file's metadata). None on the other processes of a torchrun calibration."""
+    check_output(output, force)
+    if save_checkpoint is not None:
+        check_output(save_checkpoint, force)
 
-
-def _saved(path: Path | None) -> None:
-    if path is not None:
-        console.print(f"saved checkpoint to [bold]{path}[/]")
+    def shape(cfg, src, tokens):
+        return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
+    qm = load_or_calibrate(model, calibration, shape, target.check, checkpoint=save_checkpoint, force=force)
+    if qm is not None and save_checkpoint is not None:
+        console.print(f"saved checkpoint to [bold]{save_checkpoint}[/]")
+    return qm
 
 
 def _verify_and_report(target: str, qm, kept: list[Path | None]) -> None:
