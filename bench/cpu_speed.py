@@ -1,7 +1,7 @@
 """The CPU hot spots of the README job, measured one by one (issue 13, item 6).
 
     python bench/cpu_speed.py           # prints one line per measurement
-    python bench/cpu_speed.py codebook  # one section: generation | attention | fits | codebook
+    python bench/cpu_speed.py codebook  # one section: generation | attention | fits | codebook | forwards
 
 Self-generation of SmolLM2's 32 x 512 calibration tokens as the job does it; one decode step's
 lm_head matmul (32 rows) in float32 and bfloat16; attention for one query row over 500 cached
@@ -9,7 +9,8 @@ keys (GQA 9:3) with torch's SDPA in both dtypes and with the eager path's matmul
 and the grids' fit of a whole matrix (fit_groups) in cache-sized row chunks against one call.
 ``codebook``: the IQ types' fit of a 768 x 2048 matrix (heavy-tailed rows, an importance vector)
 with the rounding shortcut of ``_CodebookGrid._nearest_points`` and with every unit searched
-exhaustively, and whether both give the same params.
+exhaustively, and whether both give the same params. ``forwards``: the README job's calibration
+with float32 and with bfloat16 forwards (--forward-dtype).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from d2quant.data import CalibConfig, calibration_tokens, generator_id
+from d2quant.data import CalibConfig, calibration_tokens, generator_id, wikitext_dir
 from d2quant.grids import grid_from_spec, iq
 from d2quant.sources import load_source
 
@@ -98,7 +99,27 @@ def codebook() -> None:
               f"searching every unit ({t_full / t_fast:.1f}x); identical params for {same:.2%} of the blocks' values")
 
 
-SECTIONS = {"generation": generation, "attention": attention, "fits": fits, "codebook": codebook}
+def forwards() -> None:
+    """The README job's calibration (SmolLM2, D²Quant onto Q3_K_M, 32 x 512 tokens; wikitext-2 valid
+    here: the cost does not depend on the text) with float32 and with bfloat16 forwards."""
+    from converters.gguf import preset_grids
+    from d2quant.pipeline import QuantConfig, quantize
+
+    src = load_source("smollm2-135m")
+    tokens = calibration_tokens(CalibConfig(str(wikitext_dir() / "valid.txt"), 32, 512, 0),
+                                src.model, src.tokenizer, torch.device("cpu"))
+    for dtype in ("float32", "bfloat16"):
+        run = load_source("smollm2-135m")
+        cfg = QuantConfig(method="d2quant", device="cpu", forward_dtype=dtype,
+                          grids=preset_grids("Q3_K_M", run.spec))
+        qm = quantize(run, tokens, cfg)
+        teacher = sum(s.get("teacher_seconds", 0) for s in qm.report["layers"])
+        print(f"calibration d2quant Q3_K_M 32 x 512, {dtype} forwards: {qm.report['seconds']:.1f} s "
+              f"(float-stream teacher {teacher:.1f} s)")
+
+
+SECTIONS = {"generation": generation, "attention": attention, "fits": fits, "codebook": codebook,
+            "forwards": forwards}
 
 if __name__ == "__main__":
     unknown = sorted(set(sys.argv[1:]) - set(SECTIONS))

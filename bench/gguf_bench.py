@@ -66,7 +66,8 @@ METHODS = ("llamacpp", "llamacpp-imatrix", "gptq", "d2quant")
 REFERENCE = "llamacpp"  # the file decode speed is compared against
 KEY = ("model", "preset", "method", "calib", "nsamples", "seqlen", "windows", "ctx")
 _LEVERS = {f.name: f.type for f in dataclasses.fields(QuantConfig)
-           if f.name in ("dsq", "dac", "act_order", "damp", "shrink", "rotate", "dsq_form")}
+           if f.name in ("dsq", "dac", "act_order", "damp", "shrink", "rotate", "dsq_form",
+                         "forward_dtype")}
 
 
 def method_config(method: str) -> tuple[str, dict]:

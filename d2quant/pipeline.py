@@ -35,6 +35,9 @@ from d2quant.sources import Source
 METHODS = ("rtn", "gptq", "d2quant")
 
 
+FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 @dataclass
 class QuantConfig:
     method: str = "d2quant"  # rtn | gptq | d2quant
@@ -58,6 +61,10 @@ class QuantConfig:
     # read the source's weights one decoder layer at a time (d2quant.weights) instead of whole
     stream: bool = False
     offload: str = "auto"  # where activations live: auto | cpu | disk (d2quant.activations)
+    # the calibration forwards' matmuls (the layers' inputs and outputs, the DAC teacher); the
+    # Hessians are summed and GPTQ solved in float32/64 either way. bfloat16 runs them on AMX / tensor
+    # cores (5x float32 on the Sapphire Rapids VM here) at bfloat16's rounding of every linear output
+    forward_dtype: str = "float32"
     # per-tensor grid specs by linear name (GGUF presets); None keeps that tensor in float (F16)
     grids: dict[str, dict | None] = field(default_factory=dict)
 
@@ -75,10 +82,25 @@ class QuantConfig:
             raise D2Error(f"--shrink must lie in 0..1 (1: the diagonal only, as an imatrix), got {self.shrink}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise D2Error(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise D2Error(f"--forward-dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
         if self.offload not in OFFLOADS:
             raise D2Error(f"--offload must be one of {', '.join(OFFLOADS)}, got {self.offload!r}")
         if self.stream and self.rotate:
             raise D2Error("--rotate rotates the whole model before calibration; drop --stream (or --rotate)")
+
+    def recipe(self) -> dict:
+        """The config as files record it. forward_dtype only where it is not float32: files
+        calibrated in float32 keep the bytes they had before the option existed."""
+        out = asdict(self)
+        if out["forward_dtype"] == "float32":
+            del out["forward_dtype"]
+        return out
+
+    def forwards(self, device: torch.device):
+        """The context the calibration forwards run in."""
+        return torch.autocast(device.type, dtype=FORWARD_DTYPES[self.forward_dtype],
+                              enabled=self.forward_dtype != "float32")
 
     @property
     def uses_dsq(self) -> bool:
@@ -147,7 +169,8 @@ class _Moments:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self._xtx.add(x.T @ x)  # fp32 products per batch, fp64 running sum
+        with torch.autocast(x.device.type, enabled=False):  # called from hooks inside the forwards
+            self._xtx.add(x.T @ x)  # fp32 products per batch, fp64 running sum
         self._sum.add(x.sum(0).double())
         self._n += x.shape[0]
 
@@ -201,7 +224,7 @@ class Calibrator:
     def __init__(self, src: Source, cfg: QuantConfig, on_layer: Callable[[int, dict], None] | None,
                  sink: CheckpointWriter | None = None, recipe: dict | None = None, group: Group = SINGLE):
         self.src, self.cfg, self.sink, self.group = src, cfg, sink, group
-        self.recipe = recipe or asdict(cfg)
+        self.recipe = recipe or cfg.recipe()
         self.family = src.spec.family
         self.model = src.model
         self.weights = src.weights
@@ -298,9 +321,11 @@ class Calibrator:
         post_mlp = layer.get_submodule(fam.mlp_post_norm) if fam.mlp_post_norm else (lambda t: t)
         hid = self.src.spec.hidden
         err = {}
+        fwd = lambda: cfg.forwards(self.dev)  # noqa: E731
 
         def run_attn(xb):
-            return attn(hidden_states=n1(xb), position_embeddings=pe, attention_mask=mask)[0]
+            with fwd():
+                return attn(hidden_states=n1(xb), position_embeddings=pe, attention_mask=mask)[0]
 
         def solve(lins, h):
             """Linears reading the same input: each unit solved on its rank, then shared."""
@@ -343,7 +368,8 @@ class Calibrator:
             m_o.add(c)
         solve(fam.o, m_o.hessian())
         # C: student norm output, DAC bias, H for gate/up on the corrected activations
-        hs = Activations.like(x, (xb + post_attn(o_proj(c)) for xb, c in zip(x, ctx)))
+        with fwd():
+            hs = Activations.like(x, (xb + post_attn(o_proj(c)) for xb, c in zip(x, ctx)))
         ctx.close()
         m_gu = _Moments(hid, self.dev, self.group)
         for hb in hs:
@@ -358,13 +384,15 @@ class Calibrator:
         # D: H for down on the quantized gate/up product (summed as it is made, never kept)
         shift = 0 if b is None else b
         m_d = _Moments(down_proj.in_features, self.dev, self.group)
-        inputs_of(down_proj, lambda: [mlp(n2(hb) + shift) for hb in hs], m_d.add)
+        with fwd():
+            inputs_of(down_proj, lambda: [mlp(n2(hb) + shift) for hb in hs], m_d.add)
         solve(fam.down, m_d.hessian())
         self._fold_col_scale(p, layer)
         if b is not None:
             self._fold_dac(p, layer, b)
         # E: outputs of the quantized layer
-        out = Activations.like(x, (hb + post_mlp(mlp(n2(hb))) for hb in hs))
+        with fwd():
+            out = Activations.like(x, (hb + post_mlp(mlp(n2(hb))) for hb in hs))
         hs.close()
         stats.update({"layer": i, "seconds": round(time.time() - t0, 2),
                       "error": {k: round(v, 5) for k, v in err.items()}})
@@ -462,7 +490,9 @@ class Calibrator:
             pe, mask = pes[types[i]], masks[windows[i]]
             t_teacher = time.time()
             if xf is not None:  # before calibration edits the layer
-                xf_next = Activations.like(x, (layer(h, attention_mask=mask, position_embeddings=pe) for h in xf))
+                with cfg.forwards(dev):
+                    xf_next = Activations.like(x, (layer(h, attention_mask=mask, position_embeddings=pe)
+                                                   for h in xf))
                 xf.close()
                 xf = xf_next
             t_teacher = time.time() - t_teacher

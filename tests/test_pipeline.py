@@ -103,3 +103,26 @@ def test_d2quant_onto_a_codebook_preset_folds_dsq(tiny_source):
     assert "iq2_xxs" in kinds and all("col_scale" not in ql.params for ql in qm.linears.values())
     with torch.no_grad():
         assert torch.allclose(src.model(CALIB[:2]).logits, qm.to_torch()(CALIB[:2]).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_bfloat16_forwards_calibrate_as_well_as_float32(arch, tiny_source):
+    """--forward-dtype bfloat16: the forwards round their linears' outputs to bfloat16 (the codes
+    move), the Hessians and GPTQ stay float32, the result is as good on the calibration KL, and
+    the recipe says so (a float32 recipe keeps its old keys)."""
+    fp = tiny_source(arch).model
+    with torch.no_grad():
+        ref = fp(CALIB).logits.log_softmax(-1)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        qm = quantize(tiny_source(arch), CALIB, QuantConfig(method="d2quant", bits=3, group_size=32,
+                                                            batch=4, forward_dtype=dtype))
+        with torch.no_grad():
+            lp = qm.to_torch()(CALIB).logits.log_softmax(-1)
+        out[dtype] = qm, float((ref.exp() * (ref - lp)).sum(-1).mean())
+    (q32, kl32), (q16, kl16) = out["float32"], out["bfloat16"]
+    assert "forward_dtype" not in q32.recipe and q16.recipe["forward_dtype"] == "bfloat16"
+    assert any(not torch.equal(q32.linears[n].codes, q16.linears[n].codes) for n in q32.linears)
+    assert abs(kl16 - kl32) < 0.05 * kl32, (kl16, kl32)
+    with pytest.raises(Exception, match="--forward-dtype"):
+        QuantConfig(forward_dtype="float16")
