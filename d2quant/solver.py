@@ -24,13 +24,31 @@ class Solved:
     error: float  # Hessian-weighted relative error tr(E H E^T) / tr(W H W^T)
 
 
+_OUTER_THREADS: list[int] = []  # the thread counts single_thread() replaced, innermost last
+
+
 @contextmanager
 def single_thread():
     """The solver's small matrices and column ops run faster on one thread, and many times faster
     when the cores are shared (OpenMP threads spin on each other): 0.75 s vs 12 s for one
     1536x1536 Cholesky on this 2-core machine under load."""
     n = torch.get_num_threads()
+    _OUTER_THREADS.append(n)
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _OUTER_THREADS.pop()
+        torch.set_num_threads(n)
+
+
+@contextmanager
+def outer_threads():
+    """Inside single_thread(): the threads from before it, for a whole matrix's grid fit, which is
+    wide elementwise work (1.7-2x on two idle cores for a Q4_0 / Q4_K fit of SmolLM2's matrices)
+    and gives the same bits at any thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(_OUTER_THREADS[-1] if _OUTER_THREADS else n)
     try:
         yield
     finally:
@@ -53,7 +71,8 @@ def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> 
 
 
 def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None) -> Solved:
-    codes, params = grid.quantize_matrix(w.float())
+    with outer_threads():
+        codes, params = grid.quantize_matrix(w.float())
     q = grid.dequantize_matrix(codes, params)
     return Solved(codes, params, q, weighted_error(w, q, h))
 
@@ -104,7 +123,8 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     unit = getattr(grid, "solve_unit", 1)
     static = None
     if act_order:
-        static = grid.fit_groups(w, h_orig_diag)
+        with outer_threads():
+            static = grid.fit_groups(w, h_orig_diag)
         if unit == 1:
             perm = torch.argsort(h_orig_diag, descending=True)
         else:  # whole units, by their summed energy

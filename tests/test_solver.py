@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from d2quant.grids import DualScaleGrid, ResidualBinaryGrid, UniformGrid
-from d2quant.solver import gptq, rtn
+from d2quant.grids import DualScaleGrid, ResidualBinaryGrid, UniformGrid, grid_from_spec
+from d2quant.solver import gptq, outer_threads, rtn, single_thread
 
 
 def problem(n=96, k=256, seed=0):
@@ -98,3 +98,25 @@ def test_grids_fitting_across_rows_are_not_stacked():
     w, h = problem(k=128)
     with pytest.raises(D2Error, match="across rows"):
         gptq_rows([w[:48], w[48:]], h, ResidualBinaryGrid(2, 64))
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_k", "q6_k", "iq4_xs"])
+def test_whole_matrix_fits_use_the_outer_threads_and_give_the_same_bits(kind):
+    """The solver runs on one thread but fits whole matrices on the threads it was given: the
+    same params at any thread count."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 0.02).sample((96, 512)) * (0.5 + torch.rand(96, 1, generator=g))
+    imp = torch.rand(512, generator=g) ** 2 + 0.1
+    grid, before = grid_from_spec({"kind": kind}), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with single_thread():
+            assert torch.get_num_threads() == 1
+            with outer_threads():
+                assert torch.get_num_threads() == 2
+                two = grid.fit_groups(w, imp)
+            assert torch.get_num_threads() == 1
+            one = grid.fit_groups(w, imp)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(one, two) for k in a)
