@@ -3,7 +3,8 @@
     python bench/cpu_speed.py           # prints one line per measurement
     python bench/cpu_speed.py codebook  # one section: generation | attention | fits | codebook | forwards
 
-Self-generation of SmolLM2's 32 x 512 calibration tokens as the job does it; one decode step's
+Self-generation of SmolLM2's 32 x 512 calibration tokens as the job does it (and with
+transformers' growing KV cache); one decode step's
 lm_head matmul (32 rows) in float32 and bfloat16; attention for one query row over 500 cached
 keys (GQA 9:3) with torch's SDPA in both dtypes and with the eager path's matmuls in bfloat16;
 and the grids' fit of a whole matrix (fit_groups) in cache-sized row chunks against one call.
@@ -15,6 +16,7 @@ with float32 and with bfloat16 forwards (--forward-dtype).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from unittest import mock
@@ -22,6 +24,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from d2quant import data
 from d2quant.data import CalibConfig, calibration_tokens, generator_id, wikitext_dir
 from d2quant.grids import grid_from_spec, iq
 from d2quant.sources import load_source
@@ -37,10 +40,13 @@ def _per_call(fn, n: int = 20) -> float:
 
 def generation() -> None:
     src = load_source("smollm2-135m")
-    t = time.time()
-    calibration_tokens(CalibConfig("self", 32, 512, 0), src.model, src.tokenizer, torch.device("cpu"))
-    print(f"self-generation 32 x 512 (bf16, KV cache, generator {generator_id(torch.device('cpu'))}): "
-          f"{time.time() - t:.1f} s")
+    growing = mock.patch.object(data, "_kv_cache", lambda model, n: data.DynamicCache(config=model.config))
+    for what, patch in (("filled in place", contextlib.nullcontext()), ("transformers' DynamicCache", growing)):
+        with patch:
+            t = time.time()
+            calibration_tokens(CalibConfig("self", 32, 512, 0), src.model, src.tokenizer, torch.device("cpu"))
+        print(f"self-generation 32 x 512 (bf16, KV cache {what}, generator {generator_id(torch.device('cpu'))}): "
+              f"{time.time() - t:.1f} s")
     x, w = torch.randn(32, 576), src.model.lm_head.weight.detach().float()
     for dt in (torch.float32, torch.bfloat16):
         xd, wd = x.to(dt), w.to(dt)

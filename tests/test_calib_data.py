@@ -45,3 +45,20 @@ def test_sampling_kernel_follows_the_cpu_and_is_named_by_the_generator(tiny_hf_d
         assert model.config._attn_implementation == kernel
     ids = calibration_tokens(CalibConfig("self", nsamples=3, seqlen=24, seed=1), model, tok, cpu)
     assert ids.shape == (3, 24) and not (ids[:, 2:] == tok.eos_token_id).any()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_cache_filled_in_place_samples_what_transformers_cache_samples(arch, tiny_source, tiny_hf_dir,
+                                                                           monkeypatch):
+    """Self-generation's KV cache writes into a buffer of the final length instead of growing by
+    torch.cat: the same tokens (gemma3's sliding-window layers keep transformers' own)."""
+    model, tok = tiny_source(arch).model, AutoTokenizer.from_pretrained(tiny_hf_dir)  # one vocabulary
+    cfg, cpu = CalibConfig("self", nsamples=4, seqlen=48, seed=1), torch.device("cpu")
+    made = []
+    real = data._kv_cache
+    monkeypatch.setattr(data, "_kv_cache", lambda m, n: made.append(real(m, n)) or made[-1])
+    ours = calibration_tokens(cfg, model, tok, cpu)
+    assert any(isinstance(layer, data._FilledInPlace) for layer in made[0].layers)
+    assert made[0].get_seq_length() == cfg.seqlen - 1  # the last token is drawn, never fed
+    monkeypatch.setattr(data, "_kv_cache", lambda m, n: data.DynamicCache(config=m.config))
+    assert torch.equal(ours, calibration_tokens(cfg, model, tok, cpu))
