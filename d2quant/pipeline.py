@@ -33,8 +33,6 @@ from d2quant.solver import gptq_rows, rtn, single_thread
 from d2quant.sources import Source
 
 METHODS = ("rtn", "gptq", "d2quant")
-
-
 FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
