@@ -68,9 +68,11 @@ CALIBRATION_OPTIONS = {
                _Q.stream, "quant"),
     "offload": (typer.Option(help="where calibration activations live: auto (device while they fit) | cpu | disk"),
                 _Q.offload, "quant"),
-    "forward_dtype": (typer.Option(help="float32 | bfloat16: the calibration forwards' matmuls (Hessians and "
-                                        "GPTQ stay float32); bfloat16 is several times faster on AMX CPUs and GPUs"),
-                      _Q.forward_dtype, "quant"),
+    # the library's default is float32 (the same bits on every machine); the command picks the
+    # machine's fast kernel and records it in the file's recipe
+    "forward_dtype": (typer.Option(help="auto | float32 | bfloat16: the calibration forwards' matmuls (Hessians "
+                                        "and GPTQ stay float32); auto: bfloat16 on CUDA and AMX CPUs"),
+                      "auto", "quant"),
 }
 
 

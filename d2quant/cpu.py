@@ -1,5 +1,6 @@
 """What the CPU this runs on advertises (Linux /proc/cpuinfo; empty elsewhere): the llama.cpp build
-and the self-generation's attention kernel both depend on AMX."""
+and the self-generation's attention kernel depend on AMX, the calibration forwards' dtype on
+native bfloat16 matmuls."""
 
 from __future__ import annotations
 
@@ -26,3 +27,11 @@ def cpu_model() -> str:
 
 def has_amx(flags: frozenset[str] | None = None) -> bool:
     return any(f.startswith("amx") for f in (cpu_flags() if flags is None else flags))
+
+
+def has_bf16_matmul(flags: frozenset[str] | None = None) -> bool:
+    """bfloat16 matmuls in hardware: AMX tiles, or AVX-512 BF16's dot products (AMD Zen 4 and later,
+    Cooper Lake). A [8·512, 1536] x [1536, 8960] linear under autocast on two cores of the AMD EPYC
+    VM here: 293 ms against 626 ms in float32; AMX is 5x (BENCHMARKS.md)."""
+    flags = cpu_flags() if flags is None else flags
+    return has_amx(flags) or "avx512_bf16" in flags

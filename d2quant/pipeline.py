@@ -24,6 +24,7 @@ import torch
 from d2quant import rotation
 from d2quant.activations import OFFLOADS, Activations, plan_offload
 from d2quant.checkpoint import CheckpointWriter
+from d2quant.cpu import has_bf16_matmul
 from d2quant.distributed import SINGLE, Group
 from d2quant.errors import D2Error
 from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
@@ -33,7 +34,15 @@ from d2quant.solver import gptq_rows, rtn, single_thread
 from d2quant.sources import Source
 
 METHODS = ("rtn", "gptq", "d2quant")
-FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # and "auto": by the device
+
+
+def native_forward_dtype(device: torch.device) -> str:
+    """What "auto" forwards run in: bfloat16 where its matmuls are native (CUDA; a CPU with AMX tiles
+    or AVX-512 BF16, 2-5x float32 there), float32 elsewhere. Its quality matched float32's under
+    the domain protocol (BENCHMARKS.md). A rule by the hardware, as the sampling kernel is
+    (d2quant.data), not a race timed at run time: the file would depend on the machine's load."""
+    return "bfloat16" if device.type == "cuda" or (device.type == "cpu" and has_bf16_matmul()) else "float32"
 
 
 @dataclass
@@ -80,8 +89,11 @@ class QuantConfig:
             raise D2Error(f"--shrink must lie in 0..1 (1: the diagonal only, as an imatrix), got {self.shrink}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise D2Error(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.forward_dtype == "auto":  # resolved once: the recipe records what ran
+            self.forward_dtype = native_forward_dtype(self.torch_device())
         if self.forward_dtype not in FORWARD_DTYPES:
-            raise D2Error(f"--forward-dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
+            raise D2Error(f"--forward-dtype must be auto or one of {', '.join(FORWARD_DTYPES)}, "
+                          f"got {self.forward_dtype!r}")
         if self.offload not in OFFLOADS:
             raise D2Error(f"--offload must be one of {', '.join(OFFLOADS)}, got {self.offload!r}")
         if self.stream and self.rotate:

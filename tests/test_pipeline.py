@@ -126,3 +126,21 @@ def test_bfloat16_forwards_calibrate_as_well_as_float32(arch, tiny_source):
     assert abs(kl16 - kl32) < 0.05 * kl32, (kl16, kl32)
     with pytest.raises(Exception, match="--forward-dtype"):
         QuantConfig(forward_dtype="float16")
+
+
+@pytest.mark.parametrize("bf16,want", [(True, "bfloat16"), (False, "float32")])
+def test_auto_forwards_follow_the_cpu_and_the_recipe_records_them(bf16, want, monkeypatch):
+    from d2quant import pipeline
+
+    monkeypatch.setattr(pipeline, "has_bf16_matmul", lambda: bf16)
+    cfg = QuantConfig(device="cpu", forward_dtype="auto")
+    assert cfg.forward_dtype == want
+    assert cfg.recipe().get("forward_dtype", "float32") == want
+
+
+def test_bf16_matmuls_are_amx_or_avx512_bf16():
+    from d2quant.cpu import has_bf16_matmul
+
+    assert has_bf16_matmul(frozenset({"avx512f", "avx512_bf16"}))
+    assert has_bf16_matmul(frozenset({"amx_tile", "amx_bf16"}))
+    assert not has_bf16_matmul(frozenset({"avx512f", "avx2"}))
