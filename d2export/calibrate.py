@@ -64,7 +64,7 @@ CALIBRATION_OPTIONS = {
                                help="GPTQ visits columns by decreasing input energy (static groups)"),
                   _Q.act_order, "quant"),
     "stream": (typer.Option("--stream/--no-stream",
-                            help="read the weights one layer at a time from the safetensors (RAM: about one layer)"),
+                            help="read the weights one layer at a time from the safetensors or .gguf (RAM: about one layer)"),
                _Q.stream, "quant"),
     "offload": (typer.Option(help="where calibration activations live: auto (device while they fit) | cpu | disk"),
                 _Q.offload, "quant"),

@@ -3,8 +3,8 @@
 Every source becomes a float32 transformers model plus its tokenizer and a ModelSpec. A ``-padN``
 suffix (``smollm2-135m-pad768``) gives that model zero-padded to hidden size N (d2quant.padding).
 ``load_source(..., stream=True)`` gives a skeleton on the meta device instead, whose weights are
-read from the safetensors one module at a time as calibration reaches them (d2quant.weights); a
-GGUF streams from its float safetensors copy in the cache, which its first load makes.
+read from the safetensors or the .gguf one module at a time as calibration reaches them
+(d2quant.weights); a GGUF's tensors are dequantized one by one, never the whole file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from d2quant.aliases import alias_path
 from d2quant.families import families, supported_hf_classes
 from d2quant.padding import pad_model, pad_shape, param_count
 from d2quant.qmodel import ModelSpec
-from d2quant.weights import ResidentWeights, SafetensorsWeights, skeleton
+from d2quant.weights import GGUFWeights, ResidentWeights, SafetensorsWeights, open_gguf, skeleton
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -45,7 +45,7 @@ class Source:
     tokenizer: object
     spec: ModelSpec
     info: dict  # {"kind": "hf"|"gguf", "path": str, "name": str}
-    weights: ResidentWeights | SafetensorsWeights = field(default_factory=ResidentWeights)
+    weights: ResidentWeights | SafetensorsWeights | GGUFWeights = field(default_factory=ResidentWeights)
 
 
 def resolve(model: str | None) -> tuple[str, Path]:
@@ -69,14 +69,7 @@ def resolve(model: str | None) -> tuple[str, Path]:
 
 
 def _check_gguf_arch(path: Path) -> None:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        arch = bytes(field.parts[field.data[0]]).decode()
-    except Exception as e:
-        raise D2Error(f"{path} is a corrupt GGUF file ({type(e).__name__}: {e})")
+    _, arch = open_gguf(path)
     if arch not in gguf_archs():
         raise D2Error(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(gguf_archs())}")
 
@@ -164,25 +157,19 @@ def _stream_source(model: str | None) -> Source:
     from transformers import AutoConfig, AutoTokenizer
 
     kind, path = resolve(model)
-    folder = path
     if kind == "gguf":
         _check_gguf_arch(path)
-        if _gguf_cache(path) is None:  # decoded whole once, then read from the float copy
-            load_source(str(path))
-        cached = _gguf_cache(path)
-        if cached is None:
-            raise D2Error(f"the float copy of {path} could not be cached (is the cache writable? "
-                          "set D2EXPORT_CACHE); drop --stream to load it whole")
-        folder = Path(cached)
+        folder, kw = str(path.parent), {"gguf_file": path.name}
     else:
         _check_hf_arch(path)
-    weights = SafetensorsWeights(folder)
+        folder, kw = str(path), {}
     try:
-        config = AutoConfig.from_pretrained(str(folder))
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(folder, **kw)
+        tok = AutoTokenizer.from_pretrained(folder, **kw)
     except Exception as e:
         raise D2Error(f"cannot load model {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     m = skeleton(config)
+    weights = GGUFWeights(path, m) if kind == "gguf" else SafetensorsWeights(path)
     return Source(model=m, tokenizer=tok, spec=ModelSpec.from_hf_config(m.config), weights=weights,
                   info={"kind": kind, "path": str(path.resolve()), "name": model or DEFAULT_MODEL})
 

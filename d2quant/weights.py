@@ -5,9 +5,14 @@ Calibration asks for one module's weights at a time (``load``) and hands them ba
 * ``ResidentWeights``: the model already holds them (a model loaded whole, a padded or rotated one);
   load moves the module to the calibration device, release keeps it;
 * ``SafetensorsWeights``: a Hugging Face directory's (sharded) safetensors, read lazily with
-  ``safe_open`` in the source dtype; the model is a skeleton whose parameters sit on the meta
-  device, a module is materialised in float32 on the device when it is calibrated, and put back on
-  the meta device after. RAM then holds about one layer, whatever the depth of the model.
+  ``safe_open`` in the source dtype;
+* ``GGUFWeights``: a .gguf file's tensors, each read from its offset and dequantized alone, then
+  given transformers' own GGUF-to-HF rewrite (names, the llama q/k RoPE order, Gemma's norm
+  offset), so a tensor equals the one a whole load gives.
+
+For the last two the model is a skeleton whose parameters sit on the meta device, a module is
+materialised in float32 on the device when it is calibrated, and put back on the meta device after.
+RAM then holds about one layer, whatever the depth of the model.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -34,10 +40,37 @@ class ResidentWeights:
         pass
 
 
-class SafetensorsWeights:
-    """Tensors by name from a directory's ``model.safetensors`` or its sharded index."""
+class _StreamedWeights:
+    """Reads a module's parameters by name from files; subclasses say how one tensor is read."""
 
     streams = True
+
+    def _read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor in float32 on the CPU."""
+        t = self._read(name)
+        if not torch.isfinite(t).all():
+            raise D2Error(f"the model has NaN/Inf values in {name}; the weights are corrupt")
+        return t
+
+    def load(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
+        for name, p in list(module.named_parameters()):
+            t = self.tensor(prefix + name)
+            if tuple(t.shape) != tuple(p.shape):
+                raise D2Error(f"{prefix + name} has shape {tuple(t.shape)} in the model files but "
+                              f"{tuple(p.shape)} in its config; the model files do not match")
+            _set_parameter(module, name, t.to(device))
+        module.to(device)  # its buffers (rotary tables, scales) follow
+
+    def release(self, module: torch.nn.Module) -> None:
+        for name, p in list(module.named_parameters()):
+            _set_parameter(module, name, torch.empty_like(p, device=META))
+
+
+class SafetensorsWeights(_StreamedWeights):
+    """Tensors by name from a directory's ``model.safetensors`` or its sharded index."""
 
     def __init__(self, folder: Path):
         index = folder / "model.safetensors.index.json"
@@ -68,32 +101,60 @@ class SafetensorsWeights:
                 if names is None or names.get(name) == shard:
                     self._shard[name] = path
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor in float32 on the CPU."""
+    def _read(self, name: str) -> torch.Tensor:
         path = self._shard.get(name)
         if path is None:
             raise D2Error(f"the model's safetensors lack {name}; the download is incomplete")
         try:
             with safe_open(str(path), framework="pt") as handle:
-                t = handle.get_tensor(name).float()
+                return handle.get_tensor(name).float()
         except Exception as e:  # a shard truncated after its header
             raise D2Error(f"cannot read {name} ({type(e).__name__}: {e}); the shard is truncated, re-download it")
-        if not torch.isfinite(t).all():
-            raise D2Error(f"the model has NaN/Inf values in {name}; the weights are corrupt")
-        return t
 
-    def load(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
-        for name, p in list(module.named_parameters()):
-            t = self.tensor(prefix + name)
-            if tuple(t.shape) != tuple(p.shape):
-                raise D2Error(f"{prefix + name} has shape {tuple(t.shape)} in the safetensors but "
-                              f"{tuple(p.shape)} in config.json; the model files do not match")
-            _set_parameter(module, name, t.to(device))
-        module.to(device)  # its buffers (rotary tables, scales) follow
 
-    def release(self, module: torch.nn.Module) -> None:
-        for name, p in list(module.named_parameters()):
-            _set_parameter(module, name, torch.empty_like(p, device=META))
+def open_gguf(path: Path):
+    """(GGUFReader, its general.architecture), or one line saying the file is corrupt."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return reader, bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:
+        raise D2Error(f"{path} is a corrupt GGUF file ({type(e).__name__}: {e})")
+
+
+class GGUFWeights(_StreamedWeights):
+    """Tensors by transformers name from a .gguf file; ``model`` is the skeleton they fill."""
+
+    def __init__(self, path: Path, model: torch.nn.Module):
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map)
+
+        reader, arch = open_gguf(path)
+        # where each tensor's bytes are, so that a read neither maps nor keeps the whole file
+        self._at = {t.name: (t.tensor_type, t.data_offset, t.data.dtype, t.data.shape) for t in reader.tensors}
+        del reader
+        cfg = model.config
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config={
+            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads})
+        self._gguf_name = {hf: g for g, hf in get_gguf_hf_weights_map(model, self._processor).items()}
+        self._path = path
+
+    def _read(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        g = self._gguf_name.get(name)
+        if g is None or g not in self._at:
+            raise D2Error(f"{self._path} lacks the tensor for {name}; the file is incomplete, re-download it")
+        qtype, offset, dtype, shape = self._at[g]
+        count = int(np.prod(shape))
+        data = np.fromfile(self._path, dtype=dtype, count=count, offset=offset)
+        if data.size != count:
+            raise D2Error(f"{self._path} is truncated inside {g}; re-download it")
+        w = self._processor.process(weights=dequantize(data.reshape(shape), qtype), name=g).weights
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+
 
 def _set_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")

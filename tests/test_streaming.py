@@ -135,6 +135,51 @@ def test_resume_equals_an_uninterrupted_run(sharded_dir, tmp_path):
     assert_same(quantize(load_source(str(sharded_dir)), CALIB, QuantConfig(**CFG)), back)
 
 
+def _tiny_gguf(arch: str, folder) -> "Path":
+    """A tiny random ``arch`` in a GGUF as our writer makes them (tokenizer and all), Q4_0."""
+    import warnings
+
+    from converters.gguf import write_gguf
+    from tests.test_gguf_export import cached_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return write_gguf(cached_model(arch, "Q4_0", dac=False), folder / f"{arch}.gguf")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3"])
+def test_gguf_tensors_stream_as_transformers_loads_them(arch, tmp_path):
+    """Each tensor, dequantized alone from its offset, is the one transformers' whole-file load
+    gives: llama's q/k RoPE order undone, Gemma's norm offset removed, Phi-3's fused linears."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from d2quant.weights import GGUFWeights, skeleton
+
+    path = _tiny_gguf(arch, tmp_path)
+    model = skeleton(AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name))
+    whole = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    weights = GGUFWeights(path, model)
+    names = [n for n, _ in model.named_parameters()]
+    assert names and set(names) <= set(whole)
+    for n in names:
+        assert torch.equal(weights.tensor(n), whole[n].float()), n
+
+
+def test_streamed_gguf_calibrates_as_the_whole_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("D2EXPORT_CACHE", str(tmp_path / "cache"))
+    path = _tiny_gguf("llama", tmp_path)
+    streamed = load_source(str(path), stream=True)
+    assert all(p.is_meta for p in streamed.model.parameters())
+    assert not (tmp_path / "cache").exists()  # no float copy of the file is made
+    whole = load_source(str(path))
+    assert_same(quantize(whole, CALIB, QuantConfig(**CFG)), quantize(streamed, CALIB, QuantConfig(**CFG, stream=True)))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 4096])  # the last tensors cut short
+    with pytest.raises(D2Error, match="truncated|corrupt"):
+        load_source(str(path), stream=True).weights.tensor("model.norm.weight")
+
+
 def test_streaming_refusals(sharded_dir, tmp_path):
     with pytest.raises(D2Error, match="drop --stream"):
         load_source("smollm2-135m-pad768", stream=True)
