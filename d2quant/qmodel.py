@@ -10,7 +10,7 @@ Tensor names follow transformers' LLaMA-family module names ("model.layers.3.mlp
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -117,6 +117,23 @@ class QuantizedModel:
         tensors = {n: p.detach().float().clone() for n, p in src.model.named_parameters()}
         return cls(spec=src.spec, linears={}, tensors=tensors, recipe={"method": "float"},
                    source=dict(src.info), tokenizer=src.tokenizer)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A float tensor or a quantized linear's bias: ``lm_head.bias`` (DAC's final-norm shift)
+        lives in ``tensors`` beside a float head and on the linear of a quantized one."""
+        if name in self.tensors:
+            return self.tensors[name]
+        owner, _, kind = name.rpartition(".")
+        bias = self.linears[owner].bias if kind == "bias" and owner in self.linears else None
+        if bias is None:
+            raise KeyError(name)
+        return bias
+
+    def without(self, names: set[str]) -> "QuantizedModel":
+        """This model lacking the named float tensors and linear biases (what a file that could not
+        carry them holds)."""
+        linears = {n: replace(ql, bias=None) if f"{n}.bias" in names else ql for n, ql in self.linears.items()}
+        return replace(self, linears=linears, tensors={k: v for k, v in self.tensors.items() if k not in names})
 
     # ---- torch ---------------------------------------------------------------------------
     def to_torch(self, dtype: torch.dtype = torch.float32):

@@ -18,7 +18,6 @@ Run as a user: ``python -m runtime_tests.llamacpp OUT.gguf CHECKPOINT_DIR [--tex
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -194,8 +193,7 @@ def verify_gguf(path: str | Path, reference: QuantizedModel, *, text: str | None
     """
     weights = verify_weights(path, reference)
     dropped = set(weights["dropped"])
-    held = dataclasses.replace(reference, tensors={k: v for k, v in reference.tensors.items()
-                                                   if k not in dropped})
+    held = reference.without(dropped)
     dec = LlamaCppDecoder(path, n_ctx=max(seq_len, 64), n_threads=n_threads)
     try:
         windows = parity_windows(dec.tokenize(text) if text else None, n_windows, seq_len,

@@ -159,6 +159,20 @@ def test_llama_drops_lm_head_bias_with_warning_and_costs_it(tmp_path):
     assert res["dropped_cost"]["mean_kl"] > 1e-3  # ...and the bias mattered
 
 
+def test_llama_drops_a_quantized_heads_bias_too(tmp_path):
+    """An untied head that the preset quantizes carries the final-norm shift on its linear (as
+    Qwen2.5 at Q2_K does); under llama it is dropped and costed the same way."""
+    qm = cached_model("mistral", "Q2_K", tied=False)
+    head = qm.linears["lm_head"]
+    bias = 0.5 * torch.randn(head.shape[0], generator=torch.Generator().manual_seed(3))
+    qm = dataclasses.replace(qm, linears=qm.linears | {"lm_head": dataclasses.replace(head, bias=bias)})
+    with pytest.warns(UserWarning, match="lm_head.bias"):
+        path = write_gguf(qm, tmp_path / "m.gguf")
+    res = verify_gguf(path, qm, n_windows=1, seq_len=32, n_threads=1)
+    assert "lm_head.bias" in res["weights"]["dropped"] and res["pass"]
+    assert res["dropped_cost"]["mean_kl"] > 1e-3
+
+
 def test_uniform_grids_sit_exactly_in_q4_0_and_q5_0_and_float_embeddings(tmp_path):
     base = cached_model("llama", "Q8_0", lm_bias=True)
     linears = dict(base.linears)

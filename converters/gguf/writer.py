@@ -83,7 +83,7 @@ def plan_gguf(qm: QuantizedModel) -> GGUFPlan:
     if "output.bias" in sources and not layout.output_bias:
         src = sources.pop("output.bias")
         types.pop("output.bias")
-        if torch.count_nonzero(qm.tensors[src]):  # an all-zero bias is dropped at no cost
+        if torch.count_nonzero(qm.tensor(src)):  # an all-zero bias is dropped at no cost
             dropped[src] = (f"llama.cpp's {layout.name} architecture has no output.bias; the "
                             "final-norm DAC shift is lost (measure its cost with verify_gguf)")
     _check_tensors(qm, layout, set(sources))
@@ -147,7 +147,7 @@ def _tensor_info(qm: QuantizedModel, plan: GGUFPlan, gname: str) -> tuple:
         qtype = gguf.GGMLQuantizationType[tname]
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         return (rows, cols // block * size), np.dtype(np.uint8), rows * (cols // block) * size, qtype
-    t = qm.linears[src[:-5]].bias if src.endswith(".bias") and src[:-5] in qm.linears else qm.tensors[src]
+    t = qm.tensor(src)
     dtype = np.dtype(np.float16 if tname == "F16" else np.float32)
     return tuple(t.shape), dtype, t.numel() * dtype.itemsize, None
 
@@ -159,9 +159,7 @@ def float_values(qm: QuantizedModel, plan: GGUFPlan, gname: str) -> torch.Tensor
     query_pre_attn_scalar, which llama.cpp replaces by head_dim, is carried by attn_q_norm.
     """
     src = plan.sources[gname]
-    if src.endswith(".bias") and src[:-5] in qm.linears:
-        return qm.linears[src[:-5]].bias.detach().cpu().float()
-    t = qm.tensors[src].detach().cpu().float()
+    t = qm.tensor(src).detach().cpu().float()
     role = gname.rsplit(".", 2)[-2] if gname.endswith(".weight") else ""
     fam = qm.spec.family
     if fam.norm_offset and role in _NORM_ROLES:
