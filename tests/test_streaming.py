@@ -135,16 +135,11 @@ def test_resume_equals_an_uninterrupted_run(sharded_dir, tmp_path):
     assert_same(quantize(load_source(str(sharded_dir)), CALIB, QuantConfig(**CFG)), back)
 
 
-def _tiny_gguf(arch: str, folder) -> "Path":
+def _tiny_gguf(arch: str, folder):
     """A tiny random ``arch`` in a GGUF as our writer makes them (tokenizer and all), Q4_0."""
-    import warnings
+    from tests.test_gguf_export import _export, cached_model
 
-    from converters.gguf import write_gguf
-    from tests.test_gguf_export import cached_model
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return write_gguf(cached_model(arch, "Q4_0", dac=False), folder / f"{arch}.gguf")
+    return _export(cached_model(arch, "Q4_0", dac=False), folder, f"{arch}.gguf")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3"])
