@@ -68,10 +68,12 @@ def resolve(model: str | None) -> tuple[str, Path]:
     return "hf", path
 
 
-def _check_gguf_arch(path: Path) -> None:
-    _, arch = open_gguf(path)
+def _check_gguf_arch(path: Path):
+    """The file's GGUFReader, once its architecture is known to be supported."""
+    reader, arch = open_gguf(path)
     if arch not in gguf_archs():
         raise D2Error(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(gguf_archs())}")
+    return reader
 
 
 def _check_hf_arch(path: Path) -> None:
@@ -157,8 +159,9 @@ def _stream_source(model: str | None) -> Source:
     from transformers import AutoConfig, AutoTokenizer
 
     kind, path = resolve(model)
+    reader = None
     if kind == "gguf":
-        _check_gguf_arch(path)
+        reader = _check_gguf_arch(path)
         folder, kw = str(path.parent), {"gguf_file": path.name}
     else:
         _check_hf_arch(path)
@@ -169,7 +172,7 @@ def _stream_source(model: str | None) -> Source:
     except Exception as e:
         raise D2Error(f"cannot load model {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     m = skeleton(config)
-    weights = GGUFWeights(path, m) if kind == "gguf" else SafetensorsWeights(path)
+    weights = GGUFWeights(path, m, reader) if kind == "gguf" else SafetensorsWeights(path)
     return Source(model=m, tokenizer=tok, spec=ModelSpec.from_hf_config(m.config), weights=weights,
                   info={"kind": kind, "path": str(path.resolve()), "name": model or DEFAULT_MODEL})
 

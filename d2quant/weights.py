@@ -112,26 +112,31 @@ class SafetensorsWeights(_StreamedWeights):
             raise D2Error(f"cannot read {name} ({type(e).__name__}: {e}); the shard is truncated, re-download it")
 
 
+def _gguf_arch(reader) -> str:
+    field = reader.fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
 def open_gguf(path: Path):
     """(GGUFReader, its general.architecture), or one line saying the file is corrupt."""
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        return reader, bytes(field.parts[field.data[0]]).decode()
+        return reader, _gguf_arch(reader)
     except Exception as e:
         raise D2Error(f"{path} is a corrupt GGUF file ({type(e).__name__}: {e})")
 
 
 class GGUFWeights(_StreamedWeights):
-    """Tensors by transformers name from a .gguf file; ``model`` is the skeleton they fill."""
+    """Tensors by transformers name from a .gguf file; ``model`` is the skeleton they fill and
+    ``reader`` the file's GGUFReader when the caller has parsed the header already."""
 
-    def __init__(self, path: Path, model: torch.nn.Module):
+    def __init__(self, path: Path, model: torch.nn.Module, reader=None):
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                               get_gguf_hf_weights_map)
 
-        reader, arch = open_gguf(path)
+        reader, arch = open_gguf(path) if reader is None else (reader, _gguf_arch(reader))
         # where each tensor's bytes are, so that a read neither maps nor keeps the whole file
         self._at = {t.name: (t.tensor_type, t.data_offset, t.data.dtype, t.data.shape) for t in reader.tensors}
         del reader
