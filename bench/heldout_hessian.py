@@ -2,13 +2,13 @@
 
 GPTQ minimises tr(E H E^T) with H = X^T X of the calibration text. Scored on another text the
 relevant error is the same E under that text's H. This probe takes one decoder layer of a model,
-sums H of the inputs of its q/k/v and down_proj from the calibration text (at two sample counts)
-and from each eval set of the protocol, solves each linear onto its preset's GGML grid for several
-``shrink`` values (H <- (1-s) H + s diag H; 1 is importance-weighted rounding, as an imatrix), and
+sums H of the inputs of some of its linears (q_proj and down_proj by default) from the calibration
+text (at two sample counts) and from each eval set of the protocol, solves each linear onto its
+preset's GGML grid for several ``shrink`` values (H <- (1-s) H + s diag H; 1 is importance-weighted rounding, as an imatrix), and
 prints the relative error of each solution under every H. Minutes instead of the hour a
 full-model row costs on the 1.5B, but it ignores error propagation through the layers.
 
-    python bench/heldout_hessian.py --model qwen2.5-coder-1.5b --layer 6 --preset Q2_K
+    python bench/heldout_hessian.py --model qwen2.5-coder-1.5b --layer 3 --preset Q2_K
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from rich.table import Table
 import protocol  # bench/ is on sys.path when run as a script
 from converters.gguf.presets import preset_grids
 from d2quant.grids import grid_from_spec
+from d2quant.pipeline import _Moments
 from d2quant.solver import gptq, single_thread, weighted_error
 from d2quant.sources import load_source
 
@@ -30,31 +31,22 @@ SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def hessians(model, layer: int, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum of x^T x / tokens over the inputs of the named linears of one layer."""
+    """H of the inputs of the named linears of one layer, summed as calibration sums it."""
     block = model.model.layers[layer]
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-
-    def hook(name):
-        def pre(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            with torch.autocast("cpu", enabled=False):  # the sum in float32, not bfloat16
-                sums[name] = sums.get(name, 0) + x.T @ x
-        return pre
-
-    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    moments = {n: _Moments(block.get_submodule(n).in_features, "cpu") for n in names}
+    handles = [block.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: moments[n].add(args[0]))
+               for n in names]
     layers = model.model.layers
     model.model.layers = layers[:layer + 1]  # stop the forward after the probed layer
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             for ids in batches:
                 model.model(input_ids=ids, use_cache=False)
-                count += ids.numel()
     finally:
         model.model.layers = layers
         for h in handles:
             h.remove()
-    return {n: (s / count).double() for n, s in sums.items()}
+    return {n: m.hessian() for n, m in moments.items()}
 
 
 def main() -> None:
