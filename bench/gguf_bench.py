@@ -203,13 +203,17 @@ def real_params(base: Source) -> int:
     return base.info.get("real_params") or param_count(base.model)
 
 
+def row_path(model: str, preset: str, method: str, s: Settings) -> Path:
+    return s.out_dir / f"{file_stem(model)}-{preset}-{method}-{s.calib}{s.nsamples}x{s.seqlen}.gguf"
+
+
 def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
             sets: list[protocol.EvalSet], target: GGUFTarget | None = None) -> dict:
     """One scored file. ``target``: types other than a preset's (``preset`` then only labels it)."""
     t0 = time.time()
     qm = make_model(base, model, preset, method, s, target)
     quant_seconds = time.time() - t0
-    path = s.out_dir / f"{file_stem(model)}-{preset}-{method}-{s.calib}{s.nsamples}x{s.seqlen}.gguf"
+    path = row_path(model, preset, method, s)
     dropped = write(qm, path, None if method == "float" or target else preset)
     real = real_params(base)
     row = {"model": model, "preset": preset, "method": method, "calib": s.calib,
@@ -364,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-verify", action="store_true", help="skip decoding each file's weights")
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--files-only", action="store_true",
+                    help="write the missing files (for bench/tensor_swap.py) without scoring or a results row")
     ap.add_argument("--table", action="store_true", help="print the results as markdown and exit")
     ap.add_argument("--plot", type=Path, metavar="PNG", help="write perplexity against file size and exit")
     ap.add_argument("--plot-set", default="wiki-test", choices=protocol.EVAL_SETS)
@@ -388,6 +394,14 @@ def main(argv: list[str] | None = None) -> None:
     done = {_key(r) for r in read_rows(a.results)}
     jobs = [(p, m) for p in a.presets for m in a.methods] + ([("F32", "float")] if a.float else [])
     for model in a.models:
+        if a.files_only:
+            base = load_source(model)
+            for preset, method in jobs:
+                if not row_path(model, preset, method, s).exists():
+                    torch.manual_seed(0)
+                    write(make_model(base, model, preset, method, s), row_path(model, preset, method, s),
+                          None if method == "float" else preset)
+            continue
         todo = [(p, m) for p, m in jobs
                 if (model, p, m, s.calib, s.nsamples, s.seqlen, s.windows, s.ctx) not in done]
         if not todo:

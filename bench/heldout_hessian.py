@@ -5,7 +5,8 @@ relevant error is the same E under that text's H. This probe takes one decoder l
 sums H of the inputs of some of its linears (q_proj and down_proj by default) from the calibration
 text (at two sample counts) and from each eval set of the protocol, solves each linear onto its
 preset's GGML grid for several ``shrink`` values (H <- (1-s) H + s diag H; 1 is importance-weighted rounding, as an imatrix), and
-prints the relative error of each solution under every H. Minutes instead of the hour a
+prints the relative error of each solution under every H, next to llama.cpp's own rounding
+(ggml_quantize_chunk) without and with diag(H) as its importance vector. Minutes instead of the hour a
 full-model row costs on the 1.5B, but it ignores error propagation through the layers.
 
     python bench/heldout_hessian.py --model qwen2.5-coder-1.5b --layer 3 --preset Q2_K
@@ -26,8 +27,14 @@ from d2quant.grids import grid_from_spec
 from d2quant.pipeline import _Moments
 from d2quant.solver import gptq, single_thread, weighted_error
 from d2quant.sources import load_source
+from runtime_tests.libggml import dequantize_rows, quantize_rows
 
-SHRINKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+def llamacpp_fit(w: torch.Tensor, type_name: str, importance: torch.Tensor | None) -> torch.Tensor:
+    """llama.cpp's own rounding of w (ggml_quantize_chunk), with importance as llama-imatrix gives it."""
+    imp = None if importance is None else importance.float().numpy()
+    raw = quantize_rows(type_name, w.numpy(), imp)
+    return torch.from_numpy(dequantize_rows(type_name, raw, *w.shape))
 
 
 def hessians(model, layer: int, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,6 +65,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--linears", nargs="+", default=["self_attn.q_proj", "mlp.down_proj"])
+    ap.add_argument("--shrinks", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     args = ap.parse_args()
     console = Console()
     src = load_source(args.model)
@@ -79,14 +87,20 @@ def main() -> None:
         table = Table(title=f"{args.model} {name} {tuple(w.shape)} on {grids[name]['kind']}: "
                             "relative error tr(E H E^T)/tr(W H W^T) under each text's H")
         table.add_column("solved on")
-        table.add_column("shrink")
+        table.add_column("shrink / fit")
         for k in texts:
             table.add_column(k)
+        def row(solved_on: str, how: str, q: torch.Tensor) -> None:
+            table.add_row(solved_on, how, *(f"{weighted_error(w, q, hs[k][lin]):.4g}" for k in texts))
+
+        row("-", "llama.cpp, no imatrix", llamacpp_fit(w, grid.type_name, None))
         for ck in calib_keys:
-            for s in SHRINKS:
+            # llama-imatrix stores the mean of x^2 per input column: diag(H) up to a constant
+            row(ck, "llama.cpp imatrix", llamacpp_fit(w, grid.type_name, torch.diag(hs[ck][lin])))
+            for s in args.shrinks:
                 with single_thread():
                     q = gptq(w, hs[ck][lin], grid, act_order=True, shrink=s).weight
-                table.add_row(ck, f"{s:g}", *(f"{weighted_error(w, q, hs[k][lin]):.5f}" for k in texts))
+                row(ck, f"{s:g}", q)
         console.print(table)
     console.print(f"total {time.time() - t0:.0f} s")
 
