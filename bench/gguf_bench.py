@@ -397,10 +397,10 @@ def main(argv: list[str] | None = None) -> None:
         if a.files_only:
             base = load_source(model)
             for preset, method in jobs:
-                if not row_path(model, preset, method, s).exists():
+                path = row_path(model, preset, method, s)
+                if not path.exists():
                     torch.manual_seed(0)
-                    write(make_model(base, model, preset, method, s), row_path(model, preset, method, s),
-                          None if method == "float" else preset)
+                    write(make_model(base, model, preset, method, s), path, None if method == "float" else preset)
             continue
         todo = [(p, m) for p, m in jobs
                 if (model, p, m, s.calib, s.nsamples, s.seqlen, s.windows, s.ctx) not in done]

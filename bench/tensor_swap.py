@@ -31,12 +31,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGUFValueType
 from rich.console import Console
 from rich.table import Table
 
 import protocol  # bench/ is on sys.path when run as a script
-from converters.gguf.tokenizer import _field_value
+from gguf_bench import file_stem
+from converters.gguf.tokenizer import copy_fields
 from d2quant.errors import D2Error
 from d2quant.sources import load_source
 from resultlog import append_row
@@ -122,11 +122,7 @@ def swapped_file(path: Path, float_path: Path, swaps: dict[str, str], out: Path)
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        for key, field in reader.fields.items():
-            if key.startswith(_WRITER_FIELDS):
-                continue
-            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, _field_value(field), field.types[0], sub_type=sub)
+        copy_fields(writer, reader, lambda key: not key.startswith(_WRITER_FIELDS))
         for name, data, qtype in plan:
             writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
         writer.write_header_to_file()
@@ -150,14 +146,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     console = Console()
-    float_path = args.file.parent / f"{args.model}-F32-float.gguf"
+    float_path = args.file.parent / f"{file_stem(args.model)}-F32-float.gguf"  # gguf_bench's float file
     for p in (args.file, float_path):
         if not p.exists():
             raise SystemExit(f"error: {p} does not exist; write it with bench/gguf_bench.py first")
     src = load_source(args.model)
     sets = protocol.eval_sets(args.model, src.tokenizer, src.spec.vocab, args.windows, args.ctx, "llamacpp",
                               lambda: LlamaCppDecoder(float_path, n_ctx=args.ctx, n_threads=args.threads))
-    table = Table(title=f"{args.file.name}: tensors re-quantized by llama.cpp")
+    table = Table(title=f"{args.file.name} with tensors swapped")
     for col in ("variant", *(f"{s.name} ppl / KLD" for s in sets)):
         table.add_column(col)
     for variant in args.variant:

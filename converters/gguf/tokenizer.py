@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 from gguf import GGUFValueType, TokenType
@@ -37,6 +37,17 @@ def _field_value(field) -> Any:
     return field.parts[field.data[0]][0].item()
 
 
+def copy_fields(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, keep: Callable[[str], bool]) -> list[str]:
+    """Copy the reader's key-value fields whose key ``keep`` accepts, as they are; returns the keys."""
+    copied = []
+    for key, field in reader.fields.items():
+        if keep(key):
+            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, _field_value(field), field.types[0], sub_type=sub)
+            copied.append(key)
+    return copied
+
+
 def copy_gguf_metadata(writer: gguf.GGUFWriter, source_path: str | Path) -> list[str]:
     """Copy tokenizer.* and descriptive general.* fields of a source GGUF; returns the keys."""
     try:
@@ -44,13 +55,8 @@ def copy_gguf_metadata(writer: gguf.GGUFWriter, source_path: str | Path) -> list
     except Exception as e:  # missing, truncated or not a GGUF
         raise D2Error(f"cannot read the source GGUF {source_path} for its tokenizer "
                       f"({type(e).__name__}: {e}); check the file or re-quantize from it")
-    copied = []
-    for key, field in reader.fields.items():
-        if not (key.startswith("tokenizer.") or key.startswith("general.")) or key in _FILE_FIELDS:
-            continue
-        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, _field_value(field), field.types[0], sub_type=sub)
-        copied.append(key)
+    copied = copy_fields(writer, reader, lambda key: key.startswith(("tokenizer.", "general."))
+                         and key not in _FILE_FIELDS)
     if not any(k == "tokenizer.ggml.model" for k in copied):
         raise D2Error(f"source GGUF {source_path} has no tokenizer; export from a model that has one")
     return copied
