@@ -66,7 +66,7 @@ METHODS = ("llamacpp", "llamacpp-imatrix", "gptq", "d2quant")
 REFERENCE = "llamacpp"  # the file decode speed is compared against
 KEY = ("model", "preset", "method", "calib", "nsamples", "seqlen", "windows", "ctx")
 _LEVERS = {f.name: f.type for f in dataclasses.fields(QuantConfig)
-           if f.name in ("dsq", "dac", "act_order", "damp", "shrink", "rotate", "dsq_form",
+           if f.name in ("dsq", "dac", "act_order", "damp", "shrink", "shrink_down", "rotate", "dsq_form",
                          "forward_dtype")}
 
 
@@ -82,7 +82,7 @@ def method_config(method: str) -> tuple[str, dict]:
         if kind is None or not value:
             raise D2Error(f"lever {lever!r}: use KEY=VALUE with KEY one of {', '.join(_LEVERS)}")
         overrides[key] = value == "True" if kind in (bool, "bool") else \
-            float(value) if kind in (float, "float") else value
+            float(value) if kind in (float, "float", "float | None") else value
     if overrides and base.startswith("llamacpp"):
         raise D2Error(f"{method}: levers apply to our methods, not to llama.cpp's quantizer")
     return base, overrides

@@ -9,6 +9,12 @@ prints the relative error of each solution under every H, next to llama.cpp's ow
 (ggml_quantize_chunk) without and with diag(H) as its importance vector. Minutes instead of the hour a
 full-model row costs on the 1.5B, but it ignores error propagation through the layers.
 
+Each table's title also gives the shrink that the calibration text's own sampling noise calls for:
+Schafer and Strimmer's estimate for shrinking correlations toward the diagonal target,
+lambda* = sum_{i!=j} Var(r_ij) / sum_{i!=j} r_ij^2, with Var(r_ij) the variance of the mean over the
+calibration *sequences* (tokens of one sequence are not independent draws). If it were near the shrink
+that transfers best, the transfer loss would be estimation noise of H; it is not (BENCHMARKS.md).
+
     python bench/heldout_hessian.py --model qwen2.5-coder-1.5b --layer 3 --preset Q2_K
 """
 
@@ -37,11 +43,44 @@ def llamacpp_fit(w: torch.Tensor, type_name: str, importance: torch.Tensor | Non
     return torch.from_numpy(dequantize_rows(type_name, raw, *w.shape))
 
 
-def hessians(model, layer: int, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """H of the inputs of the named linears of one layer, summed as calibration sums it."""
+class SequenceSpread:
+    """Per-sequence second moments s_b = X_b^T X_b / T of one linear's input: their mean and the
+    variance of that mean over the sequences, for the sampling-noise shrink estimate."""
+
+    def __init__(self, k: int):
+        self.sum = torch.zeros(k, k, dtype=torch.float64)
+        self.sq = torch.zeros(k, k, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        for xb in x.float():  # [T, K] per sequence
+            s = (xb.T @ xb).double() / xb.shape[0]
+            self.sum += s
+            self.sq += s * s
+            self.n += 1
+
+    def noise_shrink(self) -> float:
+        """Schafer-Strimmer lambda* for the correlations (target: the diagonal), clipped to 0..1."""
+        m = self.sum / self.n
+        var = (self.sq / self.n - m * m) / (self.n - 1)
+        d = torch.diag(m).clamp(min=1e-30)
+        norm = torch.outer(d, d)
+        off = ~torch.eye(m.shape[0], dtype=torch.bool)
+        return float(((var / norm)[off].sum() / (m * m / norm)[off].sum()).clamp(0, 1))
+
+
+def hessians(model, layer: int, names: list[str], batches: list[torch.Tensor],
+             spread: dict[str, SequenceSpread] | None = None) -> dict[str, torch.Tensor]:
+    """H of the inputs of the named linears of one layer, summed as calibration sums it; with
+    ``spread``, each linear's per-sequence moments too."""
     block = model.model.layers[layer]
     moments = {n: _Moments(block.get_submodule(n).in_features, "cpu") for n in names}
-    handles = [block.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: moments[n].add(args[0]))
+
+    def take(n, x):
+        moments[n].add(x)
+        if spread is not None:
+            spread[n].add(x)
+    handles = [block.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: take(n, args[0]))
                for n in names]
     layers = model.model.layers
     model.model.layers = layers[:layer + 1]  # stop the forward after the probed layer
@@ -77,15 +116,20 @@ def main() -> None:
         texts[f"{args.calib} {n}x512"] = protocol.calib_tokens(args.calib, args.model, model, tok, n, 512)
     for s in protocol.EVAL_SETS:
         texts[s] = torch.tensor(protocol.eval_windows(tok, s, args.windows, 512))
-    hs = {k: hessians(model, args.layer, args.linears, list(ids.split(8))) for k, ids in texts.items()}
-    console.print(f"Hessians of layer {args.layer} from {len(texts)} texts in {time.time() - t0:.0f} s")
     calib_keys = [k for k in texts if k not in protocol.EVAL_SETS]
+    spreads = {k: {n: SequenceSpread(model.model.layers[args.layer].get_submodule(n).in_features)
+                   for n in args.linears} for k in calib_keys}
+    hs = {k: hessians(model, args.layer, args.linears, list(ids.split(8)), spreads.get(k))
+          for k, ids in texts.items()}
+    console.print(f"Hessians of layer {args.layer} from {len(texts)} texts in {time.time() - t0:.0f} s")
     for lin in args.linears:
         name = f"model.layers.{args.layer}.{lin}"
         w = model.get_submodule(name).weight.detach().float()
         grid = grid_from_spec(grids[name])
+        noise = ", ".join(f"{k} {spreads[k][lin].noise_shrink():.3f}" for k in calib_keys)
         table = Table(title=f"{args.model} {name} {tuple(w.shape)} on {grids[name]['kind']}: "
-                            "relative error tr(E H E^T)/tr(W H W^T) under each text's H")
+                            "relative error tr(E H E^T)/tr(W H W^T) under each text's H; "
+                            f"sampling-noise shrink lambda*: {noise}")
         table.add_column("solved on")
         table.add_column("shrink / fit")
         for k in texts:

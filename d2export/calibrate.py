@@ -60,6 +60,7 @@ CALIBRATION_OPTIONS = {
     "damp": (typer.Option(help="GPTQ damping as a fraction of mean(diag H)"), _Q.damp, "quant"),
     "shrink": (typer.Option(help="GPTQ on (1 - s) H + s diag(H): 0 full Hessian, 1 its diagonal (as an imatrix)"),
                _Q.shrink, "quant"),
+    "shrink_down": (typer.Option(help="down_proj's own shrink (default: --shrink)"), _Q.shrink_down, "quant"),
     "act_order": (typer.Option("--act-order/--no-act-order",
                                help="GPTQ visits columns by decreasing input energy (static groups)"),
                   _Q.act_order, "quant"),
@@ -76,6 +77,10 @@ CALIBRATION_OPTIONS = {
 }
 
 
+# an option whose default is None takes its config field's type (typer reads `float | None`)
+_FIELD_TYPES = {**typing.get_type_hints(QuantConfig), **typing.get_type_hints(CalibConfig)}
+
+
 @dataclass(frozen=True)
 class Calibration:
     """The calibration a command was asked for: the method's config and the data's."""
@@ -90,7 +95,7 @@ def calibration_options(fn):
     own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
            if p.name != "calibration"]
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                               annotation=Annotated[type(default), option])
+                               annotation=Annotated[_FIELD_TYPES[name] if default is None else type(default), option])
              for name, (option, default, _) in CALIBRATION_OPTIONS.items()]
 
     @wraps(fn)

@@ -60,6 +60,9 @@ class QuantConfig:
     # calibrated on wikitext, GPTQ against llama.cpp + imatrix went from x0.755 / x1.003 / x1.081
     # (wiki-test / gutenberg / pydocs perplexity) at 0 to x0.725 / x0.887 / x0.909 (BENCHMARKS.md)
     shrink: float = 0.5
+    # down_proj's own shrink (None: --shrink). Its input (the MLP's gated product, thousands of
+    # columns) is the one whose GPTQ solution transfers worst to other text (BENCHMARKS.md probe)
+    shrink_down: float | None = None
     # GPTQ visits columns by decreasing Hessian diagonal (static groups): on SmolLM2, whose inputs
     # carry single channels of ~2,700, it took padded Q3_K_S from 33.22 to 30.80 (BENCHMARKS.md)
     act_order: bool = True
@@ -85,8 +88,9 @@ class QuantConfig:
             raise D2Error(f"--group-size must be a power of two from 16 to 1024 (runtimes need it), got {g}")
         if self.dsq_form not in ("rbin", "dual"):
             raise D2Error(f"--dsq-form must be rbin or dual, got {self.dsq_form!r}")
-        if not 0.0 <= self.shrink <= 1.0:
-            raise D2Error(f"--shrink must lie in 0..1 (1: the diagonal only, as an imatrix), got {self.shrink}")
+        for opt, v in (("--shrink", self.shrink), ("--shrink-down", self.shrink_down)):
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise D2Error(f"{opt} must lie in 0..1 (1: the diagonal only, as an imatrix), got {v}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise D2Error(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.forward_dtype == "auto":  # resolved once: the recipe records what ran
@@ -105,7 +109,12 @@ class QuantConfig:
         out = asdict(self)
         if out["forward_dtype"] == "float32":
             del out["forward_dtype"]
+        if out["shrink_down"] is None:
+            del out["shrink_down"]
         return out
+
+    def shrink_for(self, is_down: bool) -> float:
+        return self.shrink_down if is_down and self.shrink_down is not None else self.shrink
 
     def forwards(self, device: torch.device):
         """The context the calibration forwards run in."""
@@ -141,10 +150,12 @@ class QuantConfig:
 
 
 class _Target(NamedTuple):
-    """A linear to quantize: its name, module, and grid (None: kept in float by the preset)."""
+    """A linear to quantize: its name, module, grid (None: kept in float by the preset) and the
+    shrink its Hessian is solved with."""
     name: str
     module: torch.nn.Module
     grid: Grid | None
+    shrink: float = 0.0
 
 
 class _Total:
@@ -256,14 +267,15 @@ class Calibrator:
         units: dict = {}
         for lin in lins:
             t = self._target(prefix + lin.path, layer.get_submodule(lin.path), is_down=lin is self.family.down)
-            key = repr(t.grid) if t.grid is not None and t.grid.rows_independent else t.name
+            key = (repr(t.grid), t.shrink) if t.grid is not None and t.grid.rows_independent else t.name
             units.setdefault(key, []).append(t)
         return list(units.values())
 
     def _target(self, name: str, mod, is_down: bool = False) -> _Target:
         if name in self.cfg.grids and self.cfg.grids[name] is None:
             return _Target(name, mod, None)  # a preset keeps it in float (rows no block fits)
-        return _Target(name, mod, self.cfg.grid_for(name, *mod.weight.shape, is_down=is_down))
+        return _Target(name, mod, self.cfg.grid_for(name, *mod.weight.shape, is_down=is_down),
+                       self.cfg.shrink_for(is_down))
 
     def _solve(self, unit: list[_Target], h: torch.Tensor | None) -> dict[str, float]:
         """Quantize one unit of linears in place (see _plan); their Hessian-weighted relative errors."""
@@ -278,7 +290,7 @@ class Calibrator:
                 solved = [rtn(w, grid, h) for w in ws]
             else:
                 solved = gptq_rows(ws, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order,
-                                   shrink=self.cfg.shrink)
+                                   shrink=unit[0].shrink)
         for t, s in zip(unit, solved):
             t.module.weight.data.copy_(s.weight.to(t.module.weight.dtype))
             bias = getattr(t.module, "bias", None)  # embeddings have none
@@ -345,7 +357,7 @@ class Calibrator:
                 if self.group.owner(j) == self.group.rank:
                     mine.update(self._solve(unit, h))
             for j, unit in enumerate(units):
-                for name, mod, _ in unit:
+                for name, mod, *_ in unit:
                     if self.group.active:  # the owner's result (codes, weight, error) to every rank
                         got = (self.linears.get(name), mod.weight.detach().cpu(), mine[name]) \
                             if name in mine else None

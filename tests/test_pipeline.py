@@ -144,3 +144,19 @@ def test_bf16_matmuls_are_amx_or_avx512_bf16():
     assert has_bf16_matmul(frozenset({"avx512f", "avx512_bf16"}))
     assert has_bf16_matmul(frozenset({"amx_tile", "amx_bf16"}))
     assert not has_bf16_matmul(frozenset({"avx512f", "avx2"}))
+
+
+def test_shrink_down_solves_only_down_proj_with_its_own_shrink(tiny_source):
+    """--shrink-down: down_proj's Hessian shrinks by its own value, every other linear by --shrink.
+    Layer 0's linears before down see the same inputs either way, so only its down_proj moves; the
+    recipe records the option only when it is set (older files keep their bytes)."""
+    cfg = dict(method="gptq", bits=3, group_size=32, batch=4, shrink=0.0)
+    base = quantize(tiny_source("llama"), CALIB, QuantConfig(**cfg))
+    own = quantize(tiny_source("llama"), CALIB, QuantConfig(**cfg, shrink_down=1.0))
+    layer0 = [n for n in base.linears if n.startswith("model.layers.0.")]
+    moved = {n for n in layer0 if not torch.equal(base.linears[n].codes, own.linears[n].codes)}
+    assert moved == {"model.layers.0.mlp.down_proj"}
+    assert "shrink_down" not in base.recipe and own.recipe["shrink_down"] == 1.0
+    assert QuantConfig(shrink=0.5, shrink_down=0.9).shrink_for(False) == 0.5
+    with pytest.raises(Exception, match="--shrink-down must lie in 0..1"):
+        QuantConfig(shrink_down=1.5)
