@@ -64,6 +64,9 @@ CALIBRATION_OPTIONS = {
     "act_order": (typer.Option("--act-order/--no-act-order",
                                help="GPTQ visits columns by decreasing input energy (static groups)"),
                   _Q.act_order, "quant"),
+    "objective": (typer.Option(help="what GPTQ minimises per linear, X~ / X its inputs in the quantized / float "
+                                    "model: sequential ||(Q-W)X~|| | float ||(Q-W)X|| | asymmetric ||QX~ - WX||"),
+                  _Q.objective, "quant"),
     "stream": (typer.Option("--stream/--no-stream",
                             help="read the weights one layer at a time from the safetensors or .gguf (RAM: about one layer)"),
                _Q.stream, "quant"),

@@ -9,6 +9,12 @@ The model's family (d2quant.families) names the modules; the order inside each d
      (DSQ); fold its column scale into the up rows and b into gate/up biases (b' = W_hat b).
   E. the layer's outputs with all quantized weights become the next layer's inputs.
 After the last layer: DAC on the final norm, folded into an lm_head bias.
+The ``objective`` of each linear's GPTQ (X: the float model's inputs to it, X~: the quantized model's):
+  sequential  ||(Q - W) X~||   H on the quantized stream, as above (GPTQ's)
+  float       ||(Q - W) X||    H summed from the float stream run through the layer before it is edited
+  asymmetric  ||Q X~ - W X||   as sequential, solved towards the target W + W (C - H) H^-1, with
+                               C = X^T X~ the cross moment of the two streams (the GPTAQ objective):
+                               the layer also undoes the drift its inputs arrive with
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, NamedTuple
 
@@ -34,6 +41,7 @@ from d2quant.solver import gptq_rows, rtn, single_thread
 from d2quant.sources import Source
 
 METHODS = ("rtn", "gptq", "d2quant")
+OBJECTIVES = ("sequential", "float", "asymmetric")
 FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # and "auto": by the device
 
 
@@ -66,6 +74,10 @@ class QuantConfig:
     # GPTQ visits columns by decreasing Hessian diagonal (static groups): on SmolLM2, whose inputs
     # carry single channels of ~2,700, it took padded Q3_K_S from 33.22 to 30.80 (BENCHMARKS.md)
     act_order: bool = True
+    # what each linear's GPTQ minimises (see the module's docstring): GPTQ's sequential error on the
+    # quantized model's inputs, the error on the float model's, or the quantized output's distance to
+    # the float model's output (asymmetric)
+    objective: str = "sequential"
     device: str = "auto"
     batch: int = 8  # calibration samples per forward
     # read the source's weights one decoder layer at a time (d2quant.weights) instead of whole
@@ -91,6 +103,8 @@ class QuantConfig:
         for opt, v in (("--shrink", self.shrink), ("--shrink-down", self.shrink_down)):
             if v is not None and not 0.0 <= v <= 1.0:
                 raise D2Error(f"{opt} must lie in 0..1 (1: the diagonal only, as an imatrix), got {v}")
+        if self.objective not in OBJECTIVES:
+            raise D2Error(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise D2Error(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.forward_dtype == "auto":  # resolved once: the recipe records what ran
@@ -103,15 +117,14 @@ class QuantConfig:
         if self.stream and self.rotate:
             raise D2Error("--rotate rotates the whole model before calibration; drop --stream (or --rotate)")
 
+    # options added after files were pinned, recorded only away from these values, so files made
+    # without them keep the bytes they had before the option existed
+    _RECORDED_WHEN_NOT = {"forward_dtype": "float32", "shrink_down": None, "objective": "sequential"}
+
     def recipe(self) -> dict:
-        """The config as files record it. forward_dtype only where it is not float32: files
-        calibrated in float32 keep the bytes they had before the option existed."""
-        out = asdict(self)
-        if out["forward_dtype"] == "float32":
-            del out["forward_dtype"]
-        if out["shrink_down"] is None:
-            del out["shrink_down"]
-        return out
+        """The config as files record it."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in self._RECORDED_WHEN_NOT or v != self._RECORDED_WHEN_NOT[k]}
 
     def shrink_for(self, is_down: bool) -> float:
         return self.shrink_down if is_down and self.shrink_down is not None else self.shrink
@@ -128,6 +141,11 @@ class QuantConfig:
     @property
     def uses_dac(self) -> bool:
         return self.method == "d2quant" and self.dac
+
+    @property
+    def keeps_float_stream(self) -> bool:
+        """Calibration runs the float model beside the quantized one (the DAC teacher, the objective)."""
+        return self.uses_dac or self.objective != "sequential"
 
     def torch_device(self) -> torch.device:
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -182,18 +200,34 @@ class _Total:
 
 class _Moments:
     """X^T X, sum(x) and count of a layer input over all samples, so H for (x + b) is exact for any
-    later b."""
+    later b. With ``partner`` (the float model's inputs to the same linear, batch by batch) also the
+    cross moment X_float^T X and sum(x_float), for the asymmetric objective."""
 
-    def __init__(self, k: int, device, group: Group = SINGLE):
+    def __init__(self, k: int, device, group: Group = SINGLE, partner: Activations | None = None):
         self._xtx, self._sum = _Total((k, k), device, group), _Total((k,), device, group)
         self._n, self.group, self._count = 0, group, None
+        self._partner, self._batches = partner, 0
+        if partner is not None:
+            self._cross, self._fsum = _Total((k, k), device, group), _Total((k,), device, group)
+
+    @classmethod
+    def of(cls, xs: Activations, k: int, device, group: Group) -> "_Moments":
+        m = cls(k, device, group)
+        for x in xs:
+            m.add(x)
+        return m
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         with torch.autocast(x.device.type, enabled=False):  # called from hooks inside the forwards
             self._xtx.add(x.T @ x)  # fp32 products per batch, fp64 running sum
+            if self._partner is not None:  # the same tokens in the float model
+                f = self._partner[self._batches].reshape(x.shape).to(x.device, torch.float32)
+                self._cross.add(f.T @ x)
+                self._fsum.add(f.sum(0).double())
         self._sum.add(x.sum(0).double())
         self._n += x.shape[0]
+        self._batches += 1
 
     @property
     def n(self) -> int:
@@ -214,6 +248,28 @@ class _Moments:
             b, s = shift.double(), self._sum.total()
             h = h + torch.outer(b, s) + torch.outer(s, b) + self.n * torch.outer(b, b)
         return (2 * h / self.n).float()
+
+    def cross(self, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """2/n X_float^T (X + shift), the counterpart of hessian() for the asymmetric objective."""
+        c = self._cross.total()
+        if shift is not None:
+            c = c + torch.outer(self._fsum.total(), shift.double())
+        return (2 * c / self.n).float()
+
+
+@contextmanager
+def _captured_inputs(layer, paths: dict[str, str], like: Activations):
+    """Each named linear's inputs, batch by batch, over the forwards run inside the block."""
+    got, hooks = {}, []
+    for key, path in paths.items():
+        got[key] = acts = Activations.like(like)
+        hooks.append(layer.get_submodule(path).register_forward_hook(
+            lambda mod, inp, out, acts=acts: acts.append(inp[0])))
+    try:
+        yield got
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _causal_mask(t: int, device, window: int | None = None) -> torch.Tensor:
@@ -277,7 +333,8 @@ class Calibrator:
         return _Target(name, mod, self.cfg.grid_for(name, *mod.weight.shape, is_down=is_down),
                        self.cfg.shrink_for(is_down))
 
-    def _solve(self, unit: list[_Target], h: torch.Tensor | None) -> dict[str, float]:
+    def _solve(self, unit: list[_Target], h: torch.Tensor | None,
+               cross: torch.Tensor | None = None) -> dict[str, float]:
         """Quantize one unit of linears in place (see _plan); their Hessian-weighted relative errors."""
         grid = unit[0].grid
         if grid is None:  # stored as F16, so round to it
@@ -290,7 +347,7 @@ class Calibrator:
                 solved = [rtn(w, grid, h) for w in ws]
             else:
                 solved = gptq_rows(ws, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order,
-                                   shrink=unit[0].shrink)
+                                   shrink=unit[0].shrink, cross=cross)
         for t, s in zip(unit, solved):
             t.module.weight.data.copy_(s.weight.to(t.module.weight.dtype))
             bias = getattr(t.module, "bias", None)  # embeddings have none
@@ -333,7 +390,10 @@ class Calibrator:
 
     # ---- one decoder layer ----------------------------------------------------------------
     @torch.no_grad()
-    def _layer(self, i: int, layer, x: Activations, pe, mask) -> tuple[Activations, dict]:
+    def _layer(self, i: int, layer, x: Activations, pe, mask,
+               float_in: dict[str, Activations] | None = None) -> tuple[Activations, dict]:
+        """float_in: the float model's inputs to the layer's linears by site (family.input_sites),
+        for the float and asymmetric objectives."""
         t0 = time.time()
         p, fam, cfg = f"model.layers.{i}.", self.family, self.cfg
         attn, mlp = layer.self_attn, layer.mlp
@@ -349,13 +409,21 @@ class Calibrator:
             with fwd():
                 return attn(hidden_states=n1(xb), position_embeddings=pe, attention_mask=mask)[0]
 
-        def solve(lins, h):
+        def moments(k, site) -> _Moments:
+            return _Moments(k, self.dev, self.group, float_in[site] if cfg.objective == "asymmetric" else None)
+
+        def solve(lins, m: _Moments, site, shift=None):
             """Linears reading the same input: each unit solved on its rank, then shared."""
+            h, cross = m.hessian(shift), None
+            if cfg.objective == "float":
+                h = _Moments.of(float_in[site], h.shape[0], self.dev, self.group).hessian()
+            elif cfg.objective == "asymmetric":
+                cross = m.cross(shift)
             units = self._plan(p, layer, lins if isinstance(lins, tuple) else (lins,))
             mine = {}
             for j, unit in enumerate(units):
                 if self.group.owner(j) == self.group.rank:
-                    mine.update(self._solve(unit, h))
+                    mine.update(self._solve(unit, h, cross))
             for j, unit in enumerate(units):
                 for name, mod, *_ in unit:
                     if self.group.active:  # the owner's result (codes, weight, error) to every rank
@@ -376,24 +444,24 @@ class Calibrator:
                 hook.remove()
 
         # A: H for q/k/v; DAC teacher with full-precision attention on the quantized stream
-        m_qkv, teacher = _Moments(hid, self.dev, self.group), _Total((hid,), self.dev, self.group)
+        m_qkv, teacher = moments(hid, "qkv"), _Total((hid,), self.dev, self.group)
         for xb in x:
             m_qkv.add(n1(xb))
             if cfg.uses_dac:
                 teacher.add(n2(xb + post_attn(run_attn(xb))).reshape(-1, hid).double().sum(0))
-        solve(fam.qkv, m_qkv.hessian())
+        solve(fam.qkv, m_qkv, "qkv")
         # B: H for o on the context of quantized q/k/v
         ctx = Activations.like(x)
         inputs_of(o_proj, lambda: [run_attn(xb) for xb in x], ctx.append)
-        m_o = _Moments(o_proj.in_features, self.dev, self.group)
+        m_o = moments(o_proj.in_features, "o")
         for c in ctx:
             m_o.add(c)
-        solve(fam.o, m_o.hessian())
+        solve(fam.o, m_o, "o")
         # C: student norm output, DAC bias, H for gate/up on the corrected activations
         with fwd():
             hs = Activations.like(x, (xb + post_attn(o_proj(c)) for xb, c in zip(x, ctx)))
         ctx.close()
-        m_gu = _Moments(hid, self.dev, self.group)
+        m_gu = moments(hid, "gate_up")
         for hb in hs:
             m_gu.add(n2(hb))
         b = None
@@ -402,13 +470,13 @@ class Calibrator:
             b = (teacher.total() / m_gu.n).float() - m_gu.mean()
             rms = m_gu.energy().sqrt().float()
             stats["dac_shift"] = float(b.norm() / math.sqrt(hid) / rms)
-        solve(fam.gate_up, m_gu.hessian(b))
+        solve(fam.gate_up, m_gu, "gate_up", b)
         # D: H for down on the quantized gate/up product (summed as it is made, never kept)
         shift = 0 if b is None else b
-        m_d = _Moments(down_proj.in_features, self.dev, self.group)
+        m_d = moments(down_proj.in_features, "down")
         with fwd():
             inputs_of(down_proj, lambda: [mlp(n2(hb) + shift) for hb in hs], m_d.add)
-        solve(fam.down, m_d.hessian())
+        solve(fam.down, m_d, "down")
         self._fold_col_scale(p, layer)
         if b is not None:
             self._fold_dac(p, layer, b)
@@ -470,8 +538,10 @@ class Calibrator:
     def _offload(self, calib: torch.Tensor) -> str:
         """Where the activations go (printed in the report): the streams a layer holds at once."""
         spec, n = self.src.spec, calib.numel()
-        streams = 3 + self.cfg.uses_dac  # inputs, outputs / residual, the float stream
+        streams = 3 + self.cfg.keeps_float_stream  # inputs, outputs / residual, the float stream
         need = 4 * n * (streams * spec.hidden + spec.heads * spec.head_dim)
+        if self.cfg.objective != "sequential":  # the float layer's inputs to its linears, kept for the layer
+            need += 4 * n * (2 * spec.hidden + spec.heads * spec.head_dim + spec.ffn)
         plan = plan_offload(self.cfg.offload, self.dev, need)
         self.report["offload"] = {"where": plan.where, "gib": round(need / 2**30, 3), "why": plan.reason}
         return plan.where
@@ -496,7 +566,7 @@ class Calibrator:
             for j in self.group.share_of(len(starts)):  # this rank's batches (all of them in one process)
                 x.append(inner.embed_tokens(calib[starts[j]:starts[j] + cfg.batch].to(dev)))
             W.release(inner.embed_tokens)  # a streamed table leaves the device (the head reads it again)
-            if cfg.uses_dac:  # the float model's own stream: the final norm's DAC teacher
+            if cfg.keeps_float_stream:  # the float model's own stream
                 xf = Activations.like(x, x)
         t = calib.shape[1]
         pos = torch.arange(t, device=dev)[None]
@@ -510,22 +580,25 @@ class Calibrator:
             layer = inner.layers[i]
             W.load(layer, f"model.layers.{i}.", dev)
             pe, mask = pes[types[i]], masks[windows[i]]
-            t_teacher = time.time()
+            t_teacher, float_in = time.time(), {}
             if xf is not None:  # before calibration edits the layer
-                with cfg.forwards(dev):
+                sites = fam.input_sites() if cfg.objective != "sequential" else {}
+                with cfg.forwards(dev), _captured_inputs(layer, sites, x) as float_in:
                     xf_next = Activations.like(x, (layer(h, attention_mask=mask, position_embeddings=pe)
                                                    for h in xf))
                 xf.close()
                 xf = xf_next
             t_teacher = time.time() - t_teacher
-            x_next, stats = self._layer(i, layer, x, pe, mask)
-            if xf is not None:  # what the final-norm teacher costs (the float stream's forward)
+            x_next, stats = self._layer(i, layer, x, pe, mask, float_in)
+            for acts in float_in.values():
+                acts.close()
+            if xf is not None:  # what the float stream's forward costs (and its moments)
                 stats["teacher_seconds"] = round(t_teacher, 3)
             x.close()
             x = x_next
             stream = None if self.sink is None else {"x": x.cpu(), "xf": None if xf is None else xf.cpu()}
             self._finish_layer(i, layer, stats, stream)
-        if xf is None:
+        if not cfg.uses_dac:
             return None
         W.load(inner.norm, "model.norm.", dev)
         b = _token_mean((inner.norm(h) for h in xf), self.group) - _token_mean((inner.norm(h) for h in x), self.group)

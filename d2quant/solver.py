@@ -84,7 +84,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
 
 
 def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float = 0.01,
-              block: int = 128, act_order: bool = False, shrink: float = 0.0) -> list[Solved]:
+              block: int = 128, act_order: bool = False, shrink: float = 0.0,
+              cross: torch.Tensor | None = None) -> list[Solved]:
     """GPTQ (Frantar et al.) with lazy block updates; groups never straddle a block.
 
     shrink: solve with H' = (1 - shrink) H + shrink diag(H). At 1 the off-diagonal correlations,
@@ -95,6 +96,11 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     the least error has accumulated). A group's columns are then scattered through the visit
     order, so every group's parameters are fit up front on the original weights ("static
     groups") instead of on the error-updated ones when the loop reaches the group.
+
+    cross: C = 2/n X_f^T X, the inputs X the quantized model gives the linear against the X_f the
+    float model gives it (H = 2/n X^T X). Then the objective is ||Q X - W X_f||^2, which is the usual
+    one towards the target W* = W + W (C - H) H^-1 (the least-squares map from X to W X_f) plus a
+    constant, so GPTQ runs on W*. C is shrunk and H damped as H is: with no drift (C = H), W* = W.
 
     A vector grid (``grid.solve_unit`` > 1: llama.cpp's codebook types) is solved unit by unit (the
     LDLQ / GPTVQ step): the unit's columns are coded together, each weighted by the diagonal of
@@ -114,9 +120,12 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     h = h.detach().float().clone()
     if shrink:
         h = (1 - shrink) * h + shrink * torch.diag(torch.diag(h))
+        cross = None if cross is None else (1 - shrink) * cross + shrink * torch.diag(torch.diag(cross))
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    if cross is not None:
+        w = _asymmetric_target(w, h, cross.float(), damp)
     h_raw, w_in = h.clone(), w.clone()
     h_orig_diag = torch.diag(h_raw)
     g = grid.group
@@ -134,12 +143,7 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     else:
         perm = torch.arange(k, device=w.device)
         block = g * max(1, block // g)
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, device=h.device)
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except torch._C._LinAlgError:
-        raise D2Error("the Hessian is not positive definite even after damping; raise --damp "
-                      "or use more calibration samples")
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(_damped(h, damp))), upper=True)
     codes = torch.zeros(n, k, dtype=torch.int16, device=w.device)
     q_all = torch.zeros_like(w)
     per_group: list[Params] = []
@@ -178,6 +182,23 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
         out.append(Solved(codes[rows], part, q_all[rows], weighted_error(w_in[rows], q_all[rows], h_raw)))
         r += size
     return out
+
+
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    return h + damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+
+
+def _cholesky(h: torch.Tensor) -> torch.Tensor:
+    try:
+        return torch.linalg.cholesky(h)
+    except torch._C._LinAlgError:
+        raise D2Error("the Hessian is not positive definite even after damping; raise --damp "
+                      "or use more calibration samples")
+
+
+def _asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* = W + W (C - H) H^-1 with H damped as the solve damps it (see gptq_rows)."""
+    return w + (w @ (cross - h)) @ torch.cholesky_inverse(_cholesky(_damped(h, damp)))
 
 
 def _vector_block(grid, w1, err1, hinv1, cols, static, per_group, h_orig_diag, codes, q_all) -> None:

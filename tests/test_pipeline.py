@@ -146,6 +146,64 @@ def test_bf16_matmuls_are_amx_or_avx512_bf16():
     assert not has_bf16_matmul(frozenset({"avx512f", "avx2"}))
 
 
+def _solved_hessians(monkeypatch, src, cfg) -> dict[str, torch.Tensor]:
+    """The H each linear was solved with, by name, and the model."""
+    from d2quant.pipeline import Calibrator
+    seen, solve = {}, Calibrator._solve
+
+    def spy(self, unit, h, *rest):
+        seen.update({t.name: h.clone() for t in unit})
+        return solve(self, unit, h, *rest)
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "_solve", spy)
+        qm = quantize(src, CALIB, cfg)
+    return seen, qm
+
+
+@pytest.mark.parametrize("arch,method", [("llama", "gptq"), ("phi3", "gptq"), ("gemma3", "d2quant")])
+def test_float_objective_solves_on_the_float_models_own_inputs(arch, method, tiny_source, monkeypatch):
+    """--objective float: every linear is solved on H = 2 X^T X / n of its inputs in the float
+    model (read here by hooks on an untouched copy running Hugging Face's forward), also in layers
+    whose quantized-stream H has drifted away from it; the recipe records the option only when set."""
+    cfg = dict(method=method, bits=3, group_size=32, batch=4)
+    src = tiny_source(arch)
+    ref = copy.deepcopy(src.model)
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name, mod in ref.named_modules():
+        if name.startswith("model.layers.") and isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(lambda m, i, o, name=name: inputs.setdefault(name, []).append(i[0]))
+    with torch.no_grad():
+        for b in range(0, CALIB.shape[0], 4):
+            ref(CALIB[b:b + 4])
+    seen, qm = _solved_hessians(monkeypatch, src, QuantConfig(**cfg, objective="float"))
+    assert set(seen) == set(inputs)
+    for name, xs in inputs.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+        want = (2 * x.T @ x / x.shape[0]).float()
+        assert torch.allclose(seen[name], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), name
+    assert qm.recipe["objective"] == "float"
+    drifted, base = _solved_hessians(monkeypatch, tiny_source(arch), QuantConfig(**cfg))
+    last = max(n for n in inputs if n.startswith("model.layers.1."))
+    assert not torch.allclose(drifted[last], seen[last], rtol=1e-3)
+    assert "objective" not in base.recipe
+    with pytest.raises(Exception, match="--objective must be one of sequential, float, asymmetric"):
+        QuantConfig(objective="teacher")
+
+
+@pytest.mark.parametrize("arch,method", [("llama", "gptq"), ("gemma3", "d2quant")])
+def test_asymmetric_objective_moves_only_what_drifted(arch, method, tiny_source):
+    """--objective asymmetric: layer 0's q/k/v read the embeddings, the same in the float and the
+    quantized model, so their cross moment is their H and they keep GPTQ's codes bit for bit; every
+    later input has drifted, so the rest of the model moves."""
+    cfg = dict(method=method, bits=3, group_size=32, batch=4)
+    base = quantize(tiny_source(arch), CALIB, QuantConfig(**cfg))
+    asym = quantize(tiny_source(arch), CALIB, QuantConfig(**cfg, objective="asymmetric"))
+    same = {n for n in base.linears if torch.equal(base.linears[n].codes, asym.linears[n].codes)}
+    qkv0 = {n for n in base.linears if n.startswith("model.layers.0.self_attn.") and "o_proj" not in n}
+    assert same == qkv0
+    assert asym.recipe["objective"] == "asymmetric"
+
+
 def test_shrink_down_solves_only_down_proj_with_its_own_shrink(tiny_source):
     """--shrink-down: down_proj's Hessian shrinks by its own value, every other linear by --shrink.
     Layer 0's linears before down see the same inputs either way, so only its down_proj moves; the

@@ -82,6 +82,11 @@ class Family:
         return (*cls.qkv, cls.o, *cls.gate_up, cls.down)
 
     @classmethod
+    def input_sites(cls) -> dict[str, str]:
+        """One module path per distinct linear input of the layer (one Hessian each), by site."""
+        return {"qkv": cls.qkv[0].path, "o": cls.o.path, "gate_up": cls.gate_up[0].path, "down": cls.down.path}
+
+    @classmethod
     def layer_norms(cls) -> dict[str, str]:
         """Norm module path inside the layer -> llama.cpp role."""
         out = {cls.attn_norm: "attn_norm", cls.mlp_norm: "ffn_norm"}
