@@ -211,8 +211,8 @@ class _Moments:
             self._cross, self._fsum = _Total((k, k), device, group), _Total((k,), device, group)
 
     @classmethod
-    def of(cls, xs: Activations, k: int, device, group: Group) -> "_Moments":
-        m = cls(k, device, group)
+    def of(cls, xs: Activations, device, group: Group) -> "_Moments":
+        m = cls(xs[0].shape[-1], device, group)
         for x in xs:
             m.add(x)
         return m
@@ -258,15 +258,11 @@ class _Moments:
 
 
 @contextmanager
-def _captured_inputs(layer, paths: dict[str, str], like: Activations):
-    """Each named linear's inputs, batch by batch, over the forwards run inside the block."""
-    got, hooks = {}, []
-    for key, path in paths.items():
-        got[key] = acts = Activations.like(like)
-        hooks.append(layer.get_submodule(path).register_forward_hook(
-            lambda mod, inp, out, acts=acts: acts.append(inp[0])))
+def _taking_inputs(takes: dict[torch.nn.Module, Callable[[torch.Tensor], None]]):
+    """Each module's input handed to its taker, batch by batch, over the forwards run inside the block."""
+    hooks = [mod.register_forward_hook(lambda m, inp, out, take=take: take(inp[0])) for mod, take in takes.items()]
     try:
-        yield got
+        yield
     finally:
         for h in hooks:
             h.remove()
@@ -414,11 +410,11 @@ class Calibrator:
 
         def solve(lins, m: _Moments, site, shift=None):
             """Linears reading the same input: each unit solved on its rank, then shared."""
-            h, cross = m.hessian(shift), None
             if cfg.objective == "float":
-                h = _Moments.of(float_in[site], h.shape[0], self.dev, self.group).hessian()
-            elif cfg.objective == "asymmetric":
-                cross = m.cross(shift)
+                h = _Moments.of(float_in[site], self.dev, self.group).hessian()
+            else:
+                h = m.hessian(shift)
+            cross = m.cross(shift) if cfg.objective == "asymmetric" else None
             units = self._plan(p, layer, lins if isinstance(lins, tuple) else (lins,))
             mine = {}
             for j, unit in enumerate(units):
@@ -436,13 +432,6 @@ class Calibrator:
                                 self.linears[name] = ql
                     err[name.rpartition(".")[2]] = mine[name]
 
-        def inputs_of(module, run, take) -> None:
-            hook = module.register_forward_hook(lambda mod, inp, out: take(inp[0]))
-            try:
-                run()
-            finally:
-                hook.remove()
-
         # A: H for q/k/v; DAC teacher with full-precision attention on the quantized stream
         m_qkv, teacher = moments(hid, "qkv"), _Total((hid,), self.dev, self.group)
         for xb in x:
@@ -452,7 +441,9 @@ class Calibrator:
         solve(fam.qkv, m_qkv, "qkv")
         # B: H for o on the context of quantized q/k/v
         ctx = Activations.like(x)
-        inputs_of(o_proj, lambda: [run_attn(xb) for xb in x], ctx.append)
+        with _taking_inputs({o_proj: ctx.append}):
+            for xb in x:
+                run_attn(xb)
         m_o = moments(o_proj.in_features, "o")
         for c in ctx:
             m_o.add(c)
@@ -474,8 +465,9 @@ class Calibrator:
         # D: H for down on the quantized gate/up product (summed as it is made, never kept)
         shift = 0 if b is None else b
         m_d = moments(down_proj.in_features, "down")
-        with fwd():
-            inputs_of(down_proj, lambda: [mlp(n2(hb) + shift) for hb in hs], m_d.add)
+        with fwd(), _taking_inputs({down_proj: m_d.add}):
+            for hb in hs:
+                mlp(n2(hb) + shift)
         solve(fam.down, m_d, "down")
         self._fold_col_scale(p, layer)
         if b is not None:
@@ -583,7 +575,9 @@ class Calibrator:
             t_teacher, float_in = time.time(), {}
             if xf is not None:  # before calibration edits the layer
                 sites = fam.input_sites() if cfg.objective != "sequential" else {}
-                with cfg.forwards(dev), _captured_inputs(layer, sites, x) as float_in:
+                float_in = {site: Activations.like(x) for site in sites}
+                with cfg.forwards(dev), _taking_inputs({layer.get_submodule(path): float_in[site].append
+                                                        for site, path in sites.items()}):
                     xf_next = Activations.like(x, (layer(h, attention_mask=mask, position_embeddings=pe)
                                                    for h in xf))
                 xf.close()
