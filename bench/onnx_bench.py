@@ -119,17 +119,17 @@ def speeds(dirs: list[Path], reps: int) -> list[dict]:
     return rows
 
 
-# VmHWM, not getrusage: Linux carries ru_maxrss over exec, so a child would report its parent's peak
+# VmHWM (d2quant.cpu), not getrusage: Linux carries ru_maxrss over exec, so a child would report
+# its parent's peak
 _PEAK_RSS = """
 import sys
+from d2quant.cpu import peak_rss_mb
 from runtime_tests.onnxrt import OrtDecoder
-def hwm():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 level = None if sys.argv[2] == "-" else int(sys.argv[2])
-before = hwm()
+before = peak_rss_mb()
 dec = OrtDecoder(sys.argv[1], accuracy_level=level)
 dec.logits(list(range(100, 612)))
-print(before, hwm())
+print(before, peak_rss_mb())
 """
 
 
@@ -138,8 +138,8 @@ def peak_rss_mb(model_dir: Path, level: int | None) -> tuple[float, float]:
     process's peak before the session) in MiB: mmap'd weights count once they are touched."""
     out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(model_dir.resolve()), "-" if level is None else str(level)],
                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
-    before, after = map(int, out.stdout.split()[-2:])
-    return round(after / 1024, 1), round(before / 1024, 1)
+    before, after = map(float, out.stdout.split()[-2:])
+    return round(after, 1), round(before, 1)
 
 
 def table() -> str:

@@ -219,5 +219,6 @@ def print_summary(qm: QuantizedModel) -> None:
         extra += f" (its float-stream teacher {teacher:.1f} s)"
     if off := rep.get("offload"):
         console.print(f"activations kept on {off['where']} ({off['gib']} GiB: {off['why']})", highlight=False)
-    console.print(f"[bold]time {rep.get('seconds')} s, peak memory {rep.get('peak_mem_mb')} MiB{extra}[/] "
+    console.print(f"[bold]time {rep.get('seconds')} s, peak memory {rep.get('peak_mem_mb')} MiB "
+                  f"({rep.get('peak_mem_of', 'rss')}){extra}[/] "
                   "(errors: Hessian-weighted relative squared error per linear)")

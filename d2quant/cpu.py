@@ -1,10 +1,11 @@
 """What the CPU this runs on advertises (Linux /proc/cpuinfo; empty elsewhere): the llama.cpp build
 and the self-generation's attention kernel depend on AMX, the calibration forwards' dtype on
-native bfloat16 matmuls."""
+native bfloat16 matmuls. And this process's peak resident memory, which a calibration reports."""
 
 from __future__ import annotations
 
 import platform
+import resource
 from pathlib import Path
 
 
@@ -35,3 +36,24 @@ def has_bf16_matmul(flags: frozenset[str] | None = None) -> bool:
     VM here: 293 ms against 626 ms in float32; AMX is 5x (BENCHMARKS.md)."""
     flags = cpu_flags() if flags is None else flags
     return has_amx(flags) or "avx512_bf16" in flags
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak-RSS count again from its current RSS (Linux's clear_refs "5", which
+    resets VmHWM), so that a step run after other work (a bench that scored a 262k-vocabulary model
+    first) reports its own peak. False where the kernel offers no reset: the peak is then the
+    process's since it started."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_mb() -> float:
+    """The peak RSS in MiB since the last reset_peak_rss (VmHWM), or since the process started."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # macOS: ru_maxrss is in bytes there, kilobytes on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM")).split()[1]) / 1024

@@ -20,7 +20,6 @@ The ``objective`` of each linear's GPTQ (X: the float model's inputs to it, X~: 
 from __future__ import annotations
 
 import math
-import resource
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +30,7 @@ import torch
 from d2quant import rotation
 from d2quant.activations import OFFLOADS, Activations, plan_offload
 from d2quant.checkpoint import CheckpointWriter
-from d2quant.cpu import has_bf16_matmul
+from d2quant.cpu import has_bf16_matmul, peak_rss_mb, reset_peak_rss
 from d2quant.distributed import SINGLE, Group
 from d2quant.errors import D2Error
 from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
@@ -287,10 +286,18 @@ def _token_mean(xs, group: Group) -> torch.Tensor:
     return (total.total() / group.count(n)).float()
 
 
+def _reset_peak_mem(device: torch.device) -> str:
+    """Start the peak-memory count for this calibration; returns what the peak will measure."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda allocated"
+    return "rss" if reset_peak_rss() else "process rss"
+
+
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 class Calibrator:
@@ -505,8 +512,7 @@ class Calibrator:
     @torch.no_grad()
     def run(self, calib: torch.Tensor | None) -> QuantizedModel:
         cfg, model, t0 = self.cfg, self.model, time.time()
-        if self.dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.dev)
+        self.report["peak_mem_of"] = _reset_peak_mem(self.dev)
         spec = self.src.spec
         if cfg.rotate:
             self.report["rotation_block"] = rotation.rotate(model)

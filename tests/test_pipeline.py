@@ -1,6 +1,7 @@
 """Calibration pipeline on tiny random models: rotation, DAC, DSQ folding, checkpoint round trip."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,17 @@ def test_gptq_beats_rtn_on_calibration_kl(tiny_source):
     r = kl(quantize(tiny_source("llama"), CALIB, QuantConfig(method="rtn", bits=3, group_size=32)))
     g = kl(quantize(tiny_source("llama"), CALIB, QuantConfig(method="gptq", bits=3, group_size=32)))
     assert g < r, (g, r)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak-RSS reset is Linux's")
+def test_calibration_reports_its_own_peak_memory_not_the_processs(tiny_source):
+    from d2quant.cpu import peak_rss_mb
+    earlier = torch.ones(512 * 2**20 // 4)  # 512 MiB touched by work before calibration, then freed
+    process_peak = peak_rss_mb()
+    del earlier
+    qm = quantize(tiny_source("llama"), CALIB, QuantConfig(method="gptq", bits=3, group_size=32))
+    assert qm.report["peak_mem_of"] == "rss"
+    assert 0 < qm.report["peak_mem_mb"] < process_peak - 400, (qm.report["peak_mem_mb"], process_peak)
 
 
 def test_d2quant_onto_a_codebook_preset_folds_dsq(tiny_source):
