@@ -100,7 +100,7 @@ def test_calibration_reports_its_own_peak_memory_not_the_processs(tiny_source):
     del earlier
     qm = quantize(tiny_source("llama"), CALIB, QuantConfig(method="gptq", bits=3, group_size=32))
     assert qm.report["peak_mem_of"] == "rss"
-    assert 0 < qm.report["peak_mem_mb"] < process_peak - 400, (qm.report["peak_mem_mb"], process_peak)
+    assert 0 < qm.report["peak_mem_mb"] < process_peak - 256, (qm.report["peak_mem_mb"], process_peak)
 
 
 def test_d2quant_onto_a_codebook_preset_folds_dsq(tiny_source):
