@@ -59,6 +59,11 @@ class SizeTarget:
         return self.target_bpw is not None or self.target_size is not None
 
     @property
+    def options(self) -> list[str]:
+        """The command-line options that set this size."""
+        return [n for n, v in (("--target-bpw", self.target_bpw), ("--target-size", self.target_size)) if v is not None]
+
+    @property
     def label(self) -> str:
         return f"{self.target_bpw}bpw" if self.target_bpw is not None else f"{self.target_size}B"
 

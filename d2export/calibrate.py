@@ -28,7 +28,7 @@ from rich.table import Table
 from d2quant.checkpoint import CheckpointWriter, fingerprint
 from d2quant.data import CalibConfig, calibration_tokens, generator_id
 from d2quant.distributed import from_env
-from d2quant.errors import D2Error
+from d2quant.errors import D2Error, Interrupted
 from d2quant.pipeline import QuantConfig, quantize
 from d2quant.qmodel import QuantizedModel, is_checkpoint
 from d2quant.sources import load_source
@@ -40,6 +40,7 @@ ModelArg = Annotated[str | None, typer.Argument(
     help="HF model dir, .gguf file, alias (smollm2-135m: the default, gemma3-270m, "
          "qwen2.5-coder-1.5b) or a d2export checkpoint")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing output")]
+Resume = Annotated[bool, typer.Option(help="continue an interrupted calibration from its checkpoint's .partial folder")]
 
 _Q, _C = QuantConfig(), CalibConfig()  # the defaults live in the configs themselves
 # name -> (typer option, default, which config it belongs to)
@@ -90,6 +91,7 @@ class Calibration:
 
     quant: QuantConfig
     data: CalibConfig
+    given: tuple[str, ...] = ()  # the options set away from their defaults, as typed ("--no-dac")
 
 
 def calibration_options(fn):
@@ -105,12 +107,20 @@ def calibration_options(fn):
     def run(*args, **kwargs):
         values = {name: kwargs.pop(name) for name in CALIBRATION_OPTIONS}
         by = lambda which: {n: v for n, v in values.items() if CALIBRATION_OPTIONS[n][2] == which}  # noqa: E731
-        return fn(*args, calibration=Calibration(QuantConfig(**by("quant")), CalibConfig(**by("data"))),
+        given = tuple(_typed(n, v) for n, v in values.items() if v != CALIBRATION_OPTIONS[n][1])
+        return fn(*args, calibration=Calibration(QuantConfig(**by("quant")), CalibConfig(**by("data")), given),
                   **kwargs)
 
     run.__signature__ = sig.replace(parameters=[*own, *extra], return_annotation=inspect.Signature.empty)
     run.__annotations__ = {p.name: p.annotation for p in [*own, *extra]}
     return run
+
+
+def _typed(name: str, value) -> str:
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
 
 
 def _progress() -> Progress:
@@ -160,15 +170,23 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
                                 resume=resume, force=force, group=group)
         if sink.done:
             console.print(f"resuming {sink.partial} after layer {sink.done}/{src.spec.layers}")
-    with _progress() as prog:
-        label = f"{qcfg.method} W{qcfg.bits} g{qcfg.group_size}" if not qcfg.grids else f"{qcfg.method} (preset grids)"
-        task = prog.add_task(label, total=src.spec.layers, completed=sink.done if sink else 0)
+    fresh = sink is not None and not sink.done
+    try:
+        with _progress() as prog:
+            label = f"{qcfg.method} W{qcfg.bits} g{qcfg.group_size}" if not qcfg.grids else f"{qcfg.method} (preset grids)"
+            task = prog.add_task(label, total=src.spec.layers, completed=sink.done if sink else 0)
 
-        def on_layer(i: int, stats: dict) -> None:
-            prog.advance(task)
-            if not console.is_terminal:  # logs and CI get one line per layer instead of a live bar
-                console.print(f"layer {i + 1}/{src.spec.layers} {stats['seconds']:.1f} s", highlight=False)
-        qm = quantize(src, tokens, qcfg, on_layer=on_layer, sink=sink, recipe=recipe, group=group)
+            def on_layer(i: int, stats: dict) -> None:
+                prog.advance(task)
+                if not console.is_terminal:  # logs and CI get one line per layer instead of a live bar
+                    console.print(f"layer {i + 1}/{src.spec.layers} {stats['seconds']:.1f} s", highlight=False)
+            qm = quantize(src, tokens, qcfg, on_layer=on_layer, sink=sink, recipe=recipe, group=group)
+    except Interrupted:
+        raise
+    except D2Error:
+        if fresh and group.writes:  # the same options would fail the same way: nothing to --resume
+            sink.abandon()
+        raise
     if not group.writes:
         return None  # rank 0 prints and writes
     print_summary(qm)
@@ -176,11 +194,22 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
 
 
 def load_or_calibrate(model: str | None, calibration: Calibration, shape=None, check=None, *,
-                      checkpoint: Path | None = None, force: bool = False) -> QuantizedModel | None:
+                      checkpoint: Path | None = None, resume: bool = False, force: bool = False,
+                      recalibrating: list[str] = ()) -> QuantizedModel | None:
     """A checkpoint as it is, or a fresh calibration; ``checkpoint``: also kept there. A streamed
     calibration always goes through a checkpoint on disk (a temporary one without ``checkpoint``),
-    so that no more than a layer of codes is ever held in memory."""
+    so that no more than a layer of codes is ever held in memory.
+
+    recalibrating: the target's options that only a calibration honours; with a checkpoint as the
+    model they (and any calibration option) are refused, not ignored."""
+    if resume and checkpoint is None:
+        raise D2Error("--resume continues the calibration kept with --save-checkpoint DIR; pass the same "
+                      "--save-checkpoint DIR as the interrupted run")
     if model and is_checkpoint(model):
+        given = [*recalibrating, *calibration.given] + (["--resume"] if resume else [])
+        if given:
+            raise D2Error(f"{model} is a d2export checkpoint, which keeps the calibration and types it was made "
+                          f"with; drop {', '.join(given)}, or pass the source model to calibrate again")
         if not from_env(calibration.quant.device).writes:
             return None
         qm = QuantizedModel.load(model)
@@ -190,7 +219,7 @@ def load_or_calibrate(model: str | None, calibration: Calibration, shape=None, c
     if checkpoint is None and calibration.quant.stream:
         checkpoint = Path(tempfile.mkdtemp(prefix="d2export-ckpt-")) / "ckpt"
         atexit.register(shutil.rmtree, checkpoint.parent, True)
-    return calibrate(model, calibration, shape, check, checkpoint=checkpoint, force=force)
+    return calibrate(model, calibration, shape, check, checkpoint=checkpoint, resume=resume, force=force)
 
 
 def with_grid(bits: int, group_size: int):

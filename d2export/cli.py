@@ -14,8 +14,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from d2export.calibrate import (Calibration, Force, ModelArg, calibrate, calibration_options, console,
-                                load_or_calibrate, with_grid)
+from d2export.calibrate import (Calibration, Force, ModelArg, Resume, calibrate, calibration_options,
+                                console, load_or_calibrate, with_grid)
 from converters.gguf.presets import DEFAULT_PRESET, PRESETS
 from d2quant.data import wikitext_dir
 from d2quant.errors import D2Error
@@ -35,8 +35,11 @@ def _friendly(fn):
     def run(*a, **kw):
         try:
             return fn(*a, **kw)
-        except (D2Error, OSError) as e:  # OSError: disk full, permissions, ...
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        except (D2Error, OSError) as e:
+            why = str(e)
+            if not isinstance(e, D2Error):  # disk full, permissions, a folder where a file goes, ...
+                why += "; check that path, its permissions and the free disk space"
+            console.print(f"[bold red]error:[/] {escape(why)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
     return run
 
@@ -57,8 +60,7 @@ def quantize(
     output: Annotated[Path, typer.Option("-o", "--output", help="checkpoint directory to write")] = Path("d2quant-ckpt"),
     bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8")] = 3,
     group_size: Annotated[int, typer.Option(help="weights per quantization group along the input")] = 64,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted run from OUTPUT.partial")] = False,
-    force: Force = False, *, calibration: Calibration,
+    resume: Resume = False, force: Force = False, *, calibration: Calibration,
 ):
     """Calibrate MODEL and save a quantized checkpoint (codes + grid params + folded biases),
     written layer by layer as calibration goes."""
@@ -84,11 +86,12 @@ def eval_(
 ):
     """Perplexity of TARGET over non-overlapping windows of TEXT (and KLD from --reference)."""
     from d2quant.data import read_text
-    from d2quant.evaluate import divergence, perplexity
+    from d2quant.evaluate import check_windows, divergence, perplexity
     from runtime_tests.targets import open_backend
 
+    check_windows(ctx, max_windows)  # before a model loads
     if not text.is_file():
-        raise D2Error(f"evaluation text {text} does not exist; pass --text FILE")
+        raise D2Error(f"evaluation text {text} is not a file; pass --text FILE")
     body = read_text(text)
     be = open_backend(target, backend, ctx=ctx)
     ref = None
@@ -132,7 +135,7 @@ def gguf(
         help="reapply the tensor types of a GGUF written by d2export (or a JSON recipe)")] = None,
     force: Force = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run llama.cpp parity after writing")] = True,
-    save_checkpoint: SaveCheckpoint = None, *, calibration: Calibration,
+    save_checkpoint: SaveCheckpoint = None, resume: Resume = False, *, calibration: Calibration,
 ):
     """Calibrate MODEL onto llama.cpp's native block types (a preset, or chosen per tensor for a
     size) and write a GGUF."""
@@ -146,7 +149,7 @@ def gguf(
     method = calibration.quant.method
     label = target.preset or (size.label if size.active else ("recipe" if recipe else "ckpt"))
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{method}-{label}.gguf")
-    qm = _quantized_for(target, model, calibration, output, save_checkpoint, force)
+    qm = _quantized_for(target, model, calibration, output, save_checkpoint, resume, force)
     if qm is None:
         return  # another process of a torchrun calibration; rank 0 writes
     with warnings.catch_warnings(record=True) as caught:
@@ -177,7 +180,7 @@ def onnx(
     target_bpw: TargetBpw = None,
     target_size: TargetSize = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="run onnxruntime parity after writing")] = True,
-    save_checkpoint: SaveCheckpoint = None, *, calibration: Calibration,
+    save_checkpoint: SaveCheckpoint = None, resume: Resume = False, *, calibration: Calibration,
 ):
     """Calibrate MODEL and write a MatMulNBits decoder with KV cache for stock onnxruntime (one
     width for every matrix, or widths chosen per matrix for a size)."""
@@ -189,7 +192,7 @@ def onnx(
     target = ONNXTarget(bits, block_size, EMBED_BITS[embed], _size_target(target_bpw, target_size))
     options = ONNXOptions(dsq_layout, accuracy_level, "float" if embed == "float" else "quantized", attention)
     output = output or Path(f"{Path(model or 'smollm2-135m').stem}-{calibration.quant.method}-{target.label}-onnx")
-    qm = _quantized_for(target, model, calibration, output, save_checkpoint, force)
+    qm = _quantized_for(target, model, calibration, output, save_checkpoint, resume, force)
     if qm is None:
         return  # another process of a torchrun calibration; rank 0 writes
     if EMBED_BITS[embed]:
@@ -213,6 +216,8 @@ def generate(
     """Stream a greedy continuation of PROMPT from any d2export target."""
     from runtime_tests.generation import stream
 
+    if max_new_tokens < 1:
+        raise D2Error(f"--max-new-tokens {max_new_tokens}: ask for at least 1 token")
     try:
         for piece in stream(target, prompt, max_new_tokens, chat):
             sys.stdout.write(piece)
@@ -273,17 +278,20 @@ def _report_allocation(alloc) -> None:
 
 
 def _quantized_for(target, model: str | None, calibration: Calibration, output: Path,
-                   save_checkpoint: Path | None, force: bool):
+                   save_checkpoint: Path | None, resume: bool, force: bool):
     """What a writer gets: the output paths refused before the calibration spends minutes, then the
     model loaded from a checkpoint or calibrated onto ``target``'s types (its recipe goes into the
     file's metadata). None on the other processes of a torchrun calibration."""
     check_output(output, force)
     if save_checkpoint is not None:
+        if save_checkpoint.resolve() == output.resolve():
+            raise D2Error(f"--save-checkpoint and --output are both {output}; give the checkpoint a folder of its own")
         check_output(save_checkpoint, force)
 
     def shape(cfg, src, tokens):
         return target.quant_config(cfg, src, tokens, on_allocation=_report_allocation)
-    qm = load_or_calibrate(model, calibration, shape, target.check, checkpoint=save_checkpoint, force=force)
+    qm = load_or_calibrate(model, calibration, shape, target.check, checkpoint=save_checkpoint, resume=resume,
+                           force=force, recalibrating=target.calibration_options)
     if qm is not None and save_checkpoint is not None:
         console.print(f"saved checkpoint to [bold]{save_checkpoint}[/]")
     return qm

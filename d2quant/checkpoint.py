@@ -245,6 +245,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, LazyLinears, dict]:
     if manifest.get("format") != FORMAT or manifest.get("version") not in READS:
         raise D2Error(f"checkpoint {path} has format {manifest.get('format')} version "
                       f"{manifest.get('version')}; this d2export reads versions {', '.join(map(str, READS))}")
+    lacks = [k for k in ("spec", "linears", "tensors", "recipe") if k not in manifest]
+    if lacks:
+        raise D2Error(f"checkpoint {path} is unreadable (its manifest lacks {', '.join(lacks)}); re-run quantize")
     files = manifest.get("files") or {n: "model.safetensors" for n in [*manifest["linears"], *manifest["tensors"]]}
     meta = manifest["linears"]
     try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from d2quant.errors import D2Error
+from d2quant.errors import D2Error, Interrupted
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,8 @@ def _comm(op):
     try:
         return op()
     except RuntimeError as e:  # gloo / NCCL report a dead peer or a timeout as RuntimeError
-        raise D2Error(f"lost contact with the other calibration processes ({str(e).splitlines()[0][:160]}); "
-                      "a rank died or timed out: the partial checkpoint resumes with --resume") from e
+        raise Interrupted(f"lost contact with the other calibration processes ({str(e).splitlines()[0][:160]}); "
+                          "a rank died or timed out: the partial checkpoint resumes with --resume") from e
 
 
 def from_env(device: str) -> Group:

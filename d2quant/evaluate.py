@@ -55,9 +55,18 @@ class Divergence:
         return asdict(self)
 
 
+def check_windows(ctx: int, max_windows: int | None) -> None:
+    """Refuse window settings that score nothing (a window predicts ctx - 1 tokens)."""
+    if ctx < 2:
+        raise D2Error(f"--ctx {ctx}: a window needs at least 2 tokens; use --ctx 512 as llama.cpp does")
+    if max_windows is not None and max_windows < 1:
+        raise D2Error(f"--max-windows {max_windows}: give at least 1, or leave it out for every window")
+
+
 def windows(ids: list[int], ctx: int, max_windows: int | None, spread: bool = False) -> list[list[int]]:
     """Non-overlapping windows of ``ctx`` tokens: the first ``max_windows``, or (``spread``) that
     many spaced evenly over the whole text, so a corpus of several documents is sampled throughout."""
+    check_windows(ctx, max_windows)
     n = len(ids) // ctx
     if n == 0:
         raise D2Error(f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}; "

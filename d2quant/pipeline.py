@@ -102,6 +102,8 @@ class QuantConfig:
         for opt, v in (("--shrink", self.shrink), ("--shrink-down", self.shrink_down)):
             if v is not None and not 0.0 <= v <= 1.0:
                 raise D2Error(f"{opt} must lie in 0..1 (1: the diagonal only, as an imatrix), got {v}")
+        if not self.damp >= 0.0:
+            raise D2Error(f"--damp must be 0 or more (a fraction of mean(diag H); GPTQ's 0.01), got {self.damp}")
         if self.objective not in OBJECTIVES:
             raise D2Error(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.device not in ("auto", "cpu", "cuda"):

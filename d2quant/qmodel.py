@@ -173,7 +173,7 @@ class QuantizedModel:
 
         out = Path(out_dir)
         check_output(out, force)
-        writer = CheckpointWriter(out, "", force=True)
+        writer = CheckpointWriter(out, "", force=force)
         try:
             rest_l, rest_t = dict(self.linears), dict(self.tensors)
             for i in range(self.spec.layers):

@@ -76,9 +76,7 @@ class OrtDecoder:
                  providers: list[str] | None = None, threads: int | None = None):
         self.model_dir = Path(model_dir)
         self._tokenizer = None
-        if not (self.model_dir / MODEL_FILE).is_file():
-            raise D2Error(f"{model_dir} holds no {MODEL_FILE}; export one with `d2export onnx`")
-        self._worker = Worker(self.native, str(self.model_dir / MODEL_FILE),
+        self._worker = Worker(self.native, str(_model_file(self.model_dir)),
                               accuracy_level=accuracy_level, providers=providers, threads=threads,
                               runtime=ORT, label=str(self.model_dir))
         self.load_seconds = self._worker.info["load_seconds"]
@@ -140,10 +138,26 @@ def _reference_tensor(qm: QuantizedModel, name: str) -> np.ndarray:
     return qm.tensors[name].float().numpy()
 
 
+def _model_file(model_dir: str | Path) -> Path:
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise D2Error(f"{model_dir} holds no {MODEL_FILE}; export one with `d2export onnx`")
+    return path
+
+
+def _load_graph(model_dir: str | Path, external_data: bool) -> onnx.ModelProto:
+    path = _model_file(model_dir)
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except Exception as e:  # protobuf's DecodeError, a missing or short external data file
+        raise D2Error(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}); "
+                      "export it again with `d2export onnx`") from None
+
+
 def reference_for(model_dir: str | Path, qm: QuantizedModel) -> QuantizedModel:
     """The checkpoint as exported: embeddings quantized at export time (RTN, deterministic) are
     re-derived from the checkpoint's float table with the file's recorded grid."""
-    meta = read_metadata(onnx.load(str(Path(model_dir) / MODEL_FILE), load_external_data=False))
+    meta = read_metadata(_load_graph(model_dir, external_data=False))
     emb = meta["linears"].get("model.embed_tokens")
     if meta.get("embed") == "quantized" and emb and "model.embed_tokens" not in qm.linears:
         return quantize_embeddings(qm, emb["bits"], emb["block_size"])
@@ -152,7 +166,7 @@ def reference_for(model_dir: str | Path, qm: QuantizedModel) -> QuantizedModel:
 
 def check_weights(model_dir: str | Path, qm: QuantizedModel) -> dict:
     """(a): decode every stored weight from the file and compare with the quantized model exactly."""
-    model = onnx.load(str(Path(model_dir) / MODEL_FILE))
+    model = _load_graph(model_dir, external_data=True)
     meta = read_metadata(model)
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     mismatched, checked = [], 0

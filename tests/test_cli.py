@@ -47,6 +47,16 @@ def test_quantize_eval_gguf_end_to_end(tiny_hf_dir, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout.strip().splitlines()[-1])["pass"], r.output
     r = invoke("verify", o, "--reference", ck)  # the table shows each accuracy level's checks
     assert r.exit_code == 0 and "level_0.logits.mean_kl" in r.output and "level_4.pass" in r.output
+    junk = tmp_path / "junk-onnx"
+    shutil.copytree(o, junk)
+    (junk / "model.onnx").write_bytes(b"\x07junk" * 100)
+    r = invoke("verify", junk, "--reference", ck)
+    assert r.exit_code == 2 and "not a readable ONNX model" in r.output, r.output
+    for bad, match in ((["--ctx", "0"], "--ctx"), (["--max-windows", "0"], "--max-windows")):
+        r = invoke("eval", ck, "--text", text, *bad)
+        assert r.exit_code == 2 and r.output.startswith("error:") and match in r.output, r.output
+    r = invoke("generate", ck, "--max-new-tokens", "0")
+    assert r.exit_code == 2 and "--max-new-tokens" in r.output, r.output
     # a checkpoint goes to GGUF as it is (3-bit uniform codes in Q4_0 blocks); a --type its
     # tensors do not follow is refused
     ck2 = tmp_path / "ck2"
@@ -55,6 +65,14 @@ def test_quantize_eval_gguf_end_to_end(tiny_hf_dir, tmp_path):
     r = invoke("gguf", ck2, "-o", tmp_path / "q2.gguf", "--type", "Q2_K")
     assert r.exit_code == 2 and "do not follow the Q2_K preset" in r.output, r.output
     assert not (tmp_path / "q2.gguf").exists()
+    # what only a calibration honours is refused with a checkpoint, not ignored
+    for cmd, *opts in (("gguf", "--target-bpw", "3"), ("gguf", "--method", "rtn"), ("onnx", "--bits", "2"),
+                       ("onnx", "--no-dac"), ("gguf", "--resume", "--save-checkpoint", tmp_path / "sc")):
+        r = invoke(cmd, ck2, "-o", tmp_path / "x", *opts)
+        assert r.exit_code == 2 and "is a d2export checkpoint" in r.output and opts[0] in r.output, r.output
+        assert not (tmp_path / "x").exists()
+    r = invoke("gguf", ck2, "-o", tmp_path / "same", "--save-checkpoint", tmp_path / "same")
+    assert r.exit_code == 2 and "a folder of its own" in r.output, r.output
     r = invoke("gguf", ck2, "-o", tmp_path / "ck.gguf")
     assert r.exit_code == 0 and "PASS" in r.output, r.output
     import gguf
@@ -67,8 +85,10 @@ def _bad(tmp_path, *args, match):
     r = invoke(*args, "-o", out)
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-    assert lines[0].startswith("error:") and match in " ".join(lines), r.output
-    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    # one error line (after any progress lines a failure mid-calibration printed), no traceback
+    assert [ln for ln in lines if ln.startswith("error:")] and "Traceback" not in r.output, r.output
+    assert match in " ".join(lines[next(i for i, ln in enumerate(lines) if ln.startswith("error:")):]), r.output
+    assert not out.exists() and not list(tmp_path.glob(".out*")) and not list(tmp_path.glob("out.partial"))
 
 
 def test_bad_model_paths(tmp_path):
@@ -89,6 +109,9 @@ def test_bad_model_paths(tmp_path):
 def test_bad_options(tiny_hf_dir, tmp_path):
     _bad(tmp_path, "quantize", tiny_hf_dir, "--group-size", "48", match="power of two")
     _bad(tmp_path, "quantize", tiny_hf_dir, "--bits", "5", match="--bits")
+    _bad(tmp_path, "quantize", tiny_hf_dir, "--damp", "-1", match="--damp")
+    _bad(tmp_path, "gguf", tiny_hf_dir, "--recipe", tmp_path / "nope.json", match="--recipe")
+    _bad(tmp_path, "gguf", tiny_hf_dir, "--resume", match="--save-checkpoint")
     short = tmp_path / "short.txt"
     short.write_text("only a few words")
     _bad(tmp_path, "quantize", tiny_hf_dir, "--calib", short, match="fewer than one sample")
@@ -112,6 +135,7 @@ def test_nan_weights_are_refused(tiny_hf_dir, tmp_path):
     st[k][0, 0] = float("nan")
     save_file(st, str(d / "model.safetensors"), metadata={"format": "pt"})
     _bad(tmp_path, "quantize", d, match="NaN/Inf")
+    _bad(tmp_path, "quantize", d, "--stream", *CAL, match="NaN/Inf")  # mid-calibration: no .partial left
 
 
 def test_missing_default_model_package_names_the_install(monkeypatch, tmp_path):

@@ -211,6 +211,31 @@ def test_cli_streams_into_a_gguf_llama_cpp_loads(tiny_hf_dir, tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+def test_an_interrupted_gguf_export_resumes_from_its_saved_checkpoint(tiny_hf_dir, tmp_path, monkeypatch):
+    from d2quant.pipeline import Calibrator
+    from tests.test_cli import CAL, invoke
+
+    args = ["gguf", tiny_hf_dir, "--type", "Q4_0", "--method", "gptq", "--no-verify", *CAL]
+    whole = tmp_path / "whole.gguf"
+    assert invoke(*args, "-o", whole, "--save-checkpoint", tmp_path / "ck0").exit_code == 0
+    finish = Calibrator._finish_layer
+
+    def finish_then_stop(self, i, *a):
+        finish(self, i, *a)
+        raise Interrupt
+    monkeypatch.setattr(Calibrator, "_finish_layer", finish_then_stop)
+    g, ck = tmp_path / "m.gguf", tmp_path / "ck"
+    with pytest.raises(Interrupt):
+        invoke(*args, "-o", g, "--save-checkpoint", ck)
+    monkeypatch.undo()
+    assert (tmp_path / "ck.partial").is_dir() and not g.exists()
+    r = invoke(*args, "-o", g, "--save-checkpoint", ck)
+    assert r.exit_code == 2 and "--resume" in r.output, r.output
+    r = invoke(*args, "-o", g, "--save-checkpoint", ck, "--resume")
+    assert r.exit_code == 0 and "resuming" in r.output, r.output
+    assert g.read_bytes() == whole.read_bytes()
+
+
 def test_two_gloo_processes_give_the_same_checkpoint(sharded_dir, tmp_path):
     """torchrun --nproc-per-node 2 (gloo on CPU): samples split over the ranks, sums chained in
     batch order, linears solved on both ranks: every checkpoint file equals one process's."""

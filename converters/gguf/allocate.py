@@ -44,7 +44,7 @@ def read_recipe(path: str | Path, spec: ModelSpec) -> dict[str, dict | None]:
     file ({"types": {matrix: kind}}), checked against the model."""
     path = Path(path)
     if not path.is_file():
-        raise D2Error(f"recipe file {path} does not exist")
+        raise D2Error(f"recipe file {path} does not exist; give a GGUF written by d2export or a JSON recipe")
     try:
         if path.suffix == ".gguf":
             import gguf

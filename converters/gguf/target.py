@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -34,10 +35,18 @@ class GGUFTarget:
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
             raise D2Error(f"unknown --type {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        chosen = [n for n, v in (("--type", self.preset), ("--target-bpw", self.size.target_bpw),
-                                 ("--target-size", self.size.target_size), ("--recipe", self.recipe)) if v is not None]
+        chosen = (["--type"] if self.preset is not None else []) + self.calibration_options
         if len(chosen) > 1:
             raise D2Error(f"{' and '.join(chosen)} each choose the tensor types; pass one of them")
+        if self.recipe is not None and not Path(self.recipe).is_file():
+            raise D2Error(f"--recipe {self.recipe} is not a file; give a GGUF written by d2export or a JSON "
+                          "recipe ({\"types\": {matrix: type}})")
+
+    @property
+    def calibration_options(self) -> list[str]:
+        """The options given that only a calibration can honour (a checkpoint keeps its types; a
+        --type is checked against them instead)."""
+        return self.size.options + (["--recipe"] if self.recipe is not None else [])
 
     def _model_spec(self, cfg: QuantConfig, spec: ModelSpec) -> ModelSpec:
         """The model as the file will hold it; refuses what cannot be made (before any calibration)."""
@@ -56,6 +65,8 @@ class GGUFTarget:
         self._model_spec(cfg, src.spec)
         if self.size.active:
             check_resident(src)
+        if self.recipe is not None:  # another model's recipe is refused before the calibration text is made
+            read_recipe(self.recipe, src.spec)
 
     def quant_config(self, cfg: QuantConfig, src, tokens: torch.Tensor | None,
                      on_allocation=None) -> QuantConfig:

@@ -42,6 +42,11 @@ class ONNXTarget:
         check_grid(self.bits or DEFAULT_BITS, self.block_size)
 
     @property
+    def calibration_options(self) -> list[str]:
+        """The options given that only a calibration can honour (a checkpoint keeps its widths)."""
+        return (["--bits"] if self.bits is not None else []) + self.size.options
+
+    @property
     def label(self) -> str:
         return self.size.label if self.size.active else f"w{self.bits or DEFAULT_BITS}g{self.block_size}"
 

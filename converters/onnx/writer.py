@@ -57,8 +57,9 @@ def write_onnx(qm: QuantizedModel, out_dir: str | Path, *, embed: str = "float",
                       "write it with external data")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    store = GraphStore(tmp / DATA_FILE if external_data else None)
+    store = None
     try:
+        store = GraphStore(tmp / DATA_FILE if external_data else None)
         builder = DecoderBuilder(qm, store, embed=embed, dsq_layout=dsq_layout,
                                  accuracy_level=accuracy_level, attention=attention)
         inputs, outputs = builder.build()
@@ -80,7 +81,8 @@ def write_onnx(qm: QuantizedModel, out_dir: str | Path, *, embed: str = "float",
         tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
         _replace_dir(tmp, out)
     except BaseException:
-        store.close()
+        if store is not None:
+            store.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
