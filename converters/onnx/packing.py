@@ -27,7 +27,8 @@ def container_bits(bits: int) -> int:
 def check_block_size(block_size: int) -> None:
     if block_size not in BLOCK_SIZES:
         raise D2Error(f"MatMulNBits needs a power-of-two block size >= 16 (16, 32, 64, 128, 256); "
-                      f"got group size {block_size}")
+                      f"got group size {block_size}: quantize with --group-size 256 or less "
+                      "(or --block-size for `d2export onnx`)")
 
 
 def matmulnbits_nbytes(n: int, k: int, bits: int, block_size: int) -> int:
