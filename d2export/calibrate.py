@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
@@ -195,7 +196,7 @@ def calibrate(model: str | None, calibration: Calibration, shape=None, check=Non
 
 def load_or_calibrate(model: str | None, calibration: Calibration, shape=None, check=None, *,
                       checkpoint: Path | None = None, resume: bool = False, force: bool = False,
-                      recalibrating: list[str] = ()) -> QuantizedModel | None:
+                      recalibrating: Sequence[str] = ()) -> QuantizedModel | None:
     """A checkpoint as it is, or a fresh calibration; ``checkpoint``: also kept there. A streamed
     calibration always goes through a checkpoint on disk (a temporary one without ``checkpoint``),
     so that no more than a layer of codes is ever held in memory.
