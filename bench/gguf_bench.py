@@ -227,7 +227,7 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
     if "shrink" in qm.recipe:  # the effective calibration settings (defaults included)
         row["config"] = {k: v for k, v in qm.recipe.items() if k not in ("grids", "calibration")}
     if "seconds" in qm.report:
-        row["calib_report"] = {k: qm.report[k] for k in ("seconds", "peak_mem_mb", "peak_mem_of", "final_dac_shift")
+        row["calib_report"] = {k: qm.report[k] for k in ("seconds", "peak_mem_mb", "peak_mem_of", "start_mem_mb", "final_dac_shift")
                                if k in qm.report}
     if s.verify:
         w = verify_weights(path, qm)

@@ -249,6 +249,7 @@ def print_summary(qm: QuantizedModel) -> None:
         extra += f" (its float-stream teacher {teacher:.1f} s)"
     if off := rep.get("offload"):
         console.print(f"activations kept on {off['where']} ({off['gib']} GiB: {off['why']})", highlight=False)
+    held = f", {rep['start_mem_mb']} MiB of it held before" if "start_mem_mb" in rep else ""
     console.print(f"[bold]time {rep.get('seconds')} s, peak memory {rep.get('peak_mem_mb')} MiB "
-                  f"({rep.get('peak_mem_of', 'rss')}){extra}[/] "
+                  f"({rep.get('peak_mem_of', 'rss')}{held}){extra}[/] "
                   "(errors: Hessian-weighted relative squared error per linear)")

@@ -50,10 +50,22 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def peak_rss_mb() -> float:
-    """The peak RSS in MiB since the last reset_peak_rss (VmHWM), or since the process started."""
+def _status_mb(field: str) -> float | None:
     try:
         status = Path("/proc/self/status").read_text()
-    except OSError:  # macOS: ru_maxrss is in bytes there, kilobytes on Linux
+    except OSError:
+        return None
+    return int(next(ln for ln in status.splitlines() if ln.startswith(field)).split()[1]) / 1024
+
+
+def peak_rss_mb() -> float:
+    """The peak RSS in MiB since the last reset_peak_rss (VmHWM), or since the process started."""
+    peak = _status_mb("VmHWM")
+    if peak is None:  # macOS: ru_maxrss is in bytes there, kilobytes on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM")).split()[1]) / 1024
+    return peak
+
+
+def rss_mb() -> float | None:
+    """The RSS in MiB now (None where /proc is not there)."""
+    return _status_mb("VmRSS")

@@ -30,7 +30,7 @@ import torch
 from d2quant import rotation
 from d2quant.activations import OFFLOADS, Activations, plan_offload
 from d2quant.checkpoint import CheckpointWriter
-from d2quant.cpu import has_bf16_matmul, peak_rss_mb, reset_peak_rss
+from d2quant.cpu import has_bf16_matmul, peak_rss_mb, reset_peak_rss, rss_mb
 from d2quant.distributed import SINGLE, Group
 from d2quant.errors import D2Error
 from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
@@ -288,12 +288,13 @@ def _token_mean(xs, group: Group) -> torch.Tensor:
     return (total.total() / group.count(n)).float()
 
 
-def _reset_peak_mem(device: torch.device) -> str:
-    """Start the peak-memory count for this calibration; returns what the peak will measure."""
+def _reset_peak_mem(device: torch.device) -> tuple[str, float | None]:
+    """Start the peak-memory count for this calibration: (what the peak measures, what the process
+    holds already, in MiB: a bench's scoring data, a caller's tensors)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return "cuda allocated"
-    return "rss" if reset_peak_rss() else "process rss"
+        return "cuda allocated", torch.cuda.memory_allocated(device) / 2**20
+    return ("rss" if reset_peak_rss() else "process rss"), rss_mb()
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -514,7 +515,9 @@ class Calibrator:
     @torch.no_grad()
     def run(self, calib: torch.Tensor | None) -> QuantizedModel:
         cfg, model, t0 = self.cfg, self.model, time.time()
-        self.report["peak_mem_of"] = _reset_peak_mem(self.dev)
+        self.report["peak_mem_of"], held = _reset_peak_mem(self.dev)
+        if held is not None:
+            self.report["start_mem_mb"] = round(held, 1)
         spec = self.src.spec
         if cfg.rotate:
             self.report["rotation_block"] = rotation.rotate(model)
