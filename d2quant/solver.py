@@ -144,36 +144,41 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
         perm = torch.arange(k, device=w.device)
         block = g * max(1, block // g)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(_damped(h, damp))), upper=True)
+    rounders = None if static is None or unit > 1 else [grid.rounder(p) for p in static]
     codes = torch.zeros(n, k, dtype=torch.int16, device=w.device)
     q_all = torch.zeros_like(w)
     per_group: list[Params] = []
     cols = perm.tolist()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        p = None
         if unit > 1:
+            w1 = w[:, i1:i2].clone()
+            err1 = torch.zeros_like(w1)
             _vector_block(grid, w1, err1, hinv1, cols[i1:i2], static, per_group, h_orig_diag, codes, q_all)
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
             continue
+        # the block transposed, so that a column and the rows the update below touches are contiguous
+        # (twice as fast on SmolLM2's stacked gate/up); the same products and differences as [N, block]
+        w1t = w[:, i1:i2].T.contiguous()
+        err1t = torch.zeros_like(w1t)
+        round_column = None
         for i in range(i2 - i1):
             col = cols[i1 + i]  # the weight's own column index
             if static is not None:
-                p = static[col // g]
-            elif col % g == 0:
-                p = grid.fit(w1[:, i:i + g], h_orig_diag[col:col + g])
+                round_column = rounders[col // g]
+            elif col % g == 0:  # fit on the [N, block] layout it always had
+                p = grid.fit(w1t.T.contiguous()[:, i:i + g], h_orig_diag[col:col + g])
                 per_group.append(p)
-            wc = w1[:, i]
-            qc = grid.quantize(wc, p, col % g)
-            dq = grid.dequantize(qc, p, col % g)
+                round_column = grid.rounder(p)
+            wc = w1t[i]
+            qc, dq = round_column(wc, col % g)
             codes[:, col] = qc
             q_all[:, col] = dq
             e = (wc - dq) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            w1t[i:] -= hinv1[i, i:].unsqueeze(1) * e.unsqueeze(0)
+            err1t[i] = e
+        w[:, i2:] -= err1t.T.contiguous() @ hinv[i1:i2, i2:]
     params = stack_params(static if static is not None else per_group)
     out, r = [], 0
     for size in sizes:

@@ -132,9 +132,9 @@ def load_source(model: str | None, stream: bool = False) -> Source:
     kind, path = resolve(model)
     try:
         if kind == "gguf":
-            _check_gguf_arch(path)
             folder, kw = _gguf_cache(path), {}
-            if folder is None:
+            if folder is None:  # a cached float copy was made from this file once its arch passed
+                _check_gguf_arch(path)
                 folder, kw = str(path.parent), {"gguf_file": path.name}
         else:
             _check_hf_arch(path)

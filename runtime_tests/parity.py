@@ -56,7 +56,7 @@ def compare_logits(ref: list[np.ndarray], test: list[np.ndarray], windows: list[
         kl.append((np.exp(lr) * (lr - lt)).sum(-1))
         agree = r.argmax(-1) == t.argmax(-1)
         top1.append(agree)
-        top2 = np.sort(r, -1)[:, -2:]
+        top2 = np.partition(r, r.shape[-1] - 2, -1)[:, -2:]  # the two best, in order (a sort took 2 s)
         gap = top2[:, 1] - top2[:, 0]
         decisive.append(gap >= TOP1_MARGIN)
         if tie is not None:

@@ -42,7 +42,7 @@ def test_sampling_kernel_follows_the_cpu_and_is_named_by_the_generator(tiny_hf_d
     model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
     with sampling_precision(model, cpu):
-        assert model.config._attn_implementation == kernel
+        assert model.config._attn_implementation == {"eager": data.GROUPED_EAGER}.get(kernel, kernel)
     ids = calibration_tokens(CalibConfig("self", nsamples=3, seqlen=24, seed=1), model, tok, cpu)
     assert ids.shape == (3, 24) and not (ids[:, 2:] == tok.eos_token_id).any()
 
@@ -61,4 +61,35 @@ def test_the_cache_filled_in_place_samples_what_transformers_cache_samples(arch,
     assert any(isinstance(layer, data._FilledInPlace) for layer in made[0].layers)
     assert made[0].get_seq_length() == cfg.seqlen - 1  # the last token is drawn, never fed
     monkeypatch.setattr(data, "_kv_cache", lambda m, n: data.DynamicCache(config=m.config))
+    assert torch.equal(ours, calibration_tokens(cfg, model, tok, cpu))
+
+
+@pytest.mark.parametrize("heads, kv_heads, queries, softcap", [(9, 3, 1, None), (4, 4, 5, None), (8, 2, 6, 30.0)])
+def test_grouped_eager_attention_is_eager_attention_bit_for_bit_in_bfloat16(heads, kv_heads, queries, softcap):
+    from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    b, d, keys = 3, 16, 37
+    dtype = torch.bfloat16  # what sampling runs in (in float32 one query's products may be summed otherwise)
+    q = torch.randn(b, queries, heads, d, generator=gen).to(dtype).transpose(1, 2)  # as the layers make it
+    k = torch.randn(b, kv_heads, keys + 9, d, generator=gen).to(dtype)[:, :, :keys]  # a view, as the cache gives
+    v = torch.randn(b, kv_heads, keys, d, generator=gen).to(dtype)
+    mask = torch.zeros(b, 1, queries, keys, dtype=dtype)
+    mask[..., -queries:] = torch.triu(torch.full((queries, queries), float("-inf")), 1).to(dtype)
+    mask[1, ..., :4] = float("-inf")  # a padded row
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups, module.head_dim = heads // kv_heads, d
+    for m in (mask, None):
+        want = eager_attention_forward(module, q, k, v, m, scaling=d ** -0.5, softcap=softcap)
+        got = data._grouped_eager(module, q, k, v, m, scaling=d ** -0.5, softcap=softcap)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
+def test_sampling_with_grouped_eager_attention_draws_what_eager_draws(arch, tiny_source, tiny_hf_dir, monkeypatch):
+    monkeypatch.setattr(data, "has_amx", lambda: False)
+    model, tok = tiny_source(arch).model, AutoTokenizer.from_pretrained(tiny_hf_dir)
+    cfg, cpu = CalibConfig("self", nsamples=4, seqlen=48, seed=2), torch.device("cpu")
+    ours = calibration_tokens(cfg, model, tok, cpu)
+    monkeypatch.setattr(data, "GROUPED_EAGER", "eager")
     assert torch.equal(ours, calibration_tokens(cfg, model, tok, cpu))

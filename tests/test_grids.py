@@ -47,6 +47,20 @@ def test_column_by_column_equals_block():
     assert torch.equal(cols, r.dequantize(r.quantize(w, p), p))
 
 
+@pytest.mark.parametrize("spec", [{"kind": k} for k in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q2_k",
+                                                       "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")]
+                         + [{"kind": "dual", "base": {"kind": "q4_k"}}, UniformGrid(3, 64).spec()], ids=str)
+def test_the_solvers_column_rounder_is_quantize_then_dequantize(spec):
+    g = grid_from_spec(spec)
+    w = heavy(40, g.group, seed=3)
+    p = g.fit(w)
+    round_column = g.rounder(p)
+    for j in range(g.group):
+        q, y = round_column(w[:, j], j)
+        want = g.quantize(w[:, j], p, j)
+        assert q.dtype == torch.int16 and torch.equal(q, want) and torch.equal(y, g.dequantize(want, p, j))
+
+
 def test_partial_last_group_576():
     """SmolLM2's 576 input features with group 128: 4 full groups and one of 64."""
     for grid in (UniformGrid(3, 128), ResidualBinaryGrid(2, 128)):

@@ -39,12 +39,19 @@ def fixed_bytes(spec: ModelSpec) -> int:
     return 4 * (spec.n_params - sum(n * k for n, k in spec.matrix_shapes().values()))
 
 
+def check_recipe_path(path: str | Path) -> Path:
+    """The recipe file, refused before any work when it is not there."""
+    path = Path(path)
+    if not path.is_file():
+        raise D2Error(f"--recipe {path} is not a file; give a GGUF written by d2export or a JSON "
+                      "recipe ({\"types\": {matrix: type}})")
+    return path
+
+
 def read_recipe(path: str | Path, spec: ModelSpec) -> dict[str, dict | None]:
     """Grids of a saved recipe: a GGUF written by d2export (its d2export.recipe field) or a JSON
     file ({"types": {matrix: kind}}), checked against the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise D2Error(f"recipe file {path} does not exist; give a GGUF written by d2export or a JSON recipe")
+    path = check_recipe_path(path)
     try:
         if path.suffix == ".gguf":
             import gguf

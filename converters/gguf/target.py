@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from converters.allocation import SizeTarget, check_reachable, check_resident, choose
-from converters.gguf.allocate import fixed_bytes, options, read_recipe
+from converters.gguf.allocate import check_recipe_path, fixed_bytes, options, read_recipe
 from converters.gguf.arch import DAC_FFN_BIASES, LAYOUTS
 from converters.gguf.presets import PRESETS, preset_grids
 from d2quant.errors import D2Error
@@ -38,9 +37,8 @@ class GGUFTarget:
         chosen = (["--type"] if self.preset is not None else []) + self.calibration_options
         if len(chosen) > 1:
             raise D2Error(f"{' and '.join(chosen)} each choose the tensor types; pass one of them")
-        if self.recipe is not None and not Path(self.recipe).is_file():
-            raise D2Error(f"--recipe {self.recipe} is not a file; give a GGUF written by d2export or a JSON "
-                          "recipe ({\"types\": {matrix: type}})")
+        if self.recipe is not None:
+            check_recipe_path(self.recipe)
 
     @property
     def calibration_options(self) -> list[str]:

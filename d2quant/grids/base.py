@@ -5,7 +5,7 @@ A grid quantizes a weight matrix W [rows=N out-features, cols=K in-features] alo
 once stacked over groups (leading 1 = shared by all rows, e.g. a per-column scale).
 
 The GPTQ solver calls :meth:`fit` when its column loop reaches a group's first column (on the
-error-updated weights), then :meth:`quantize`/:meth:`dequantize` column by column. RTN is the
+error-updated weights), then each column through :meth:`rounder` (quantize and dequantize). RTN is the
 same calls without error feedback. Converters read codes and params and pack them; a grid knows
 its parameters' storage precision and rounds them in ``fit`` so what the solver sees is what any
 file can store exactly.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -70,6 +70,14 @@ class Grid(ABC):
     @abstractmethod
     def dequantize(self, q: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
         """Float32 values of codes q for columns col0.. of the group."""
+
+    def rounder(self, p: Params) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
+        """The solver's per-column step for the group of ``p``: column j's weights [N] -> (codes,
+        values), what quantize and dequantize give; a grid may decode its group once for all columns."""
+        def round_column(w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            q = self.quantize(w, p, j)
+            return q, self.dequantize(q, p, j)
+        return round_column
 
     def scale_rows(self, p: Params, c: torch.Tensor) -> Params:
         """Params whose dequantized rows are multiplied by c [N] (rounded to storage precision).

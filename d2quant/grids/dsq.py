@@ -165,6 +165,16 @@ class DualScaleGrid(Grid):
         bp, c = self._split(p)
         return self.base.dequantize(q, bp, col0) * _cols(c, q, col0)
 
+    def rounder(self, p: Params):
+        bp, c = self._split(p)
+        base = self.base.rounder(bp)
+
+        def round_column(w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            cj = _cols(c, w, j)
+            q, y = base(w / cj, j)
+            return q, y * cj
+        return round_column
+
     def scale_rows(self, p: Params, c: torch.Tensor) -> Params:
         bp, cs = self._split(p)
         return {**self.base.scale_rows(bp, c), "col_scale": cs}

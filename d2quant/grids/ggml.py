@@ -130,8 +130,12 @@ def _search_scale(x: torch.Tensor, w: torch.Tensor, lv: _Levels,
 def _lsq2(x, w, a, b, dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted least squares x ~ alpha*a + beta*b over ``dims``; returns alpha, beta, solvable."""
     wa, wb = w * a, w * b
-    saa, sab, sbb = (wa * a).sum(dims), (wa * b).sum(dims), (wb * b).sum(dims)
-    sxa, sxb = (wa * x).sum(dims), (wb * x).sum(dims)
+    return _solve2((wa * a).sum(dims), (wa * b).sum(dims), (wb * b).sum(dims),
+                   (wa * x).sum(dims), (wb * x).sum(dims))
+
+
+def _solve2(saa, sab, sbb, sxa, sxb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 2x2 normal equations of _lsq2 from their sums, in float64."""
     saa, sab, sbb, sxa, sxb = (t.double() for t in (saa, sab, sbb, sxa, sxb))
     det = saa * sbb - sab * sab
     ok = det > 1e-12 * (saa * sbb).clamp(min=1e-300)
@@ -157,13 +161,16 @@ def _search_affine(x: torch.Tensor, w: torch.Tensor, nmax: int, offset_le_zero: 
     best_o = lo.clone()
     best_e = (w * (x - lo.unsqueeze(-1)) ** 2).sum(-1)  # s*u + o with every u = 0
     best_uu = torch.zeros_like(lo)
+    # the least-squares sums that do not depend on the codes, once (the same tensors _lsq2 forms)
+    w1 = w * ones
+    sbb, sxb = (w1 * ones).sum(-1), (w1 * x).sum(-1)
     for f in factors:
         u = ((x - lo.unsqueeze(-1)) * (nmax * f / _safe(rng)).unsqueeze(-1)).round().clamp(0, nmax)
-        s, o, ok = _lsq2(x, w, u, ones, -1)
+        wu = w * u
+        suu, sxu = (wu * u).sum(-1), (wu * x).sum(-1)
+        s, o, ok = _solve2(suu, (wu * ones).sum(-1), sbb, sxu, sxb)
         if offset_le_zero:
-            wu = w * u
-            suu = wu.mul(u).sum(-1)
-            s_only = wu.mul(x).sum(-1) / suu.clamp(min=1e-30)
+            s_only = sxu / suu.clamp(min=1e-30)
             clip = o > 0
             s, o = torch.where(clip, s_only, s), torch.where(clip, torch.zeros_like(o), o)
             ok = ok | (clip & (suu > 0))
@@ -171,7 +178,7 @@ def _search_affine(x: torch.Tensor, w: torch.Tensor, nmax: int, offset_le_zero: 
         e = (w * (x - s.unsqueeze(-1) * u - o.unsqueeze(-1)) ** 2).sum(-1)
         take = ok & (e < best_e)
         best_s, best_o = torch.where(take, s, best_s), torch.where(take, o, best_o)
-        best_uu = torch.where(take, (w * u * u).sum(-1), best_uu)
+        best_uu = torch.where(take, suu, best_uu)
         best_e = torch.where(take, e, best_e)
     return best_s, best_o, best_uu
 
@@ -324,6 +331,20 @@ class _GgmlGrid(Grid):
         dl, off = self._dl_off(p, q, col0)
         y = dl * self.levels.value(q.float())
         return y if off is None else y + off
+
+    def rounder(self, p: Params):
+        """quantize + dequantize with the group's per-column scales and offsets decoded once (the
+        same values; the column loop spent ~9 s of the README job recomputing them per column)."""
+        dl, off = self._scale_offset(p, torch.arange(self.group, device=next(iter(p.values())).device))
+        dl = dl.T.contiguous()
+        off = None if off is None else off.T.contiguous()
+
+        def round_column(w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            t = w.float() if off is None else w.float() - off[j]
+            u = self.levels.code(t / _safe(dl[j]))
+            y = dl[j] * self.levels.value(u)
+            return u.to(torch.int16), (y if off is None else y + off[j])
+        return round_column
 
     def scale_rows(self, p: Params, c: torch.Tensor) -> Params:
         c = c.float()
