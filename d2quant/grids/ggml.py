@@ -322,15 +322,19 @@ class _GgmlGrid(Grid):
             dl, off = dl[:, 0], None if off is None else off[:, 0]
         return dl, off
 
-    def quantize(self, w: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
-        dl, off = self._dl_off(p, w, col0)
+    def _codes(self, w: torch.Tensor, dl: torch.Tensor, off: torch.Tensor | None) -> torch.Tensor:
         t = w.float() if off is None else w.float() - off
-        return self.levels.code(t / _safe(dl)).to(torch.int16)
+        return self.levels.code(t / _safe(dl))
+
+    def _values(self, u: torch.Tensor, dl: torch.Tensor, off: torch.Tensor | None) -> torch.Tensor:
+        y = dl * self.levels.value(u)
+        return y if off is None else y + off
+
+    def quantize(self, w: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
+        return self._codes(w, *self._dl_off(p, w, col0)).to(torch.int16)
 
     def dequantize(self, q: torch.Tensor, p: Params, col0: int = 0) -> torch.Tensor:
-        dl, off = self._dl_off(p, q, col0)
-        y = dl * self.levels.value(q.float())
-        return y if off is None else y + off
+        return self._values(q.float(), *self._dl_off(p, q, col0))
 
     def rounder(self, p: Params):
         """quantize + dequantize with the group's per-column scales and offsets decoded once (the
@@ -340,10 +344,9 @@ class _GgmlGrid(Grid):
         off = None if off is None else off.T.contiguous()
 
         def round_column(w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-            t = w.float() if off is None else w.float() - off[j]
-            u = self.levels.code(t / _safe(dl[j]))
-            y = dl[j] * self.levels.value(u)
-            return u.to(torch.int16), (y if off is None else y + off[j])
+            oj = None if off is None else off[j]
+            u = self._codes(w, dl[j], oj)
+            return u.to(torch.int16), self._values(u, dl[j], oj)
         return round_column
 
     def scale_rows(self, p: Params, c: torch.Tensor) -> Params:
