@@ -53,7 +53,7 @@ CALIBRATION_OPTIONS = {
     "seqlen": (typer.Option(help="tokens per calibration sequence"), _C.seqlen, "data"),
     "seed": (typer.Option(help="seed for sampling calibration windows / self-generated text"), _C.seed, "data"),
     "device": (typer.Option(help="auto | cpu | cuda"), _Q.device, "quant"),
-    "dsq": (typer.Option("--dsq/--no-dsq", help="dual-scale quantizer on down_proj (d2quant)"), _Q.dsq, "quant"),
+    "dsq": (typer.Option("--dsq/--no-dsq", help="dual-scale quantizer on down_proj (d2quant; grids of 3 bits or fewer)"), _Q.dsq, "quant"),
     "dsq_form": (typer.Option(help="rbin (paper's residual-binary levels) | dual (column scale on the grid)"),
                  _Q.dsq_form, "quant"),
     "dac": (typer.Option("--dac/--no-dac", help="deviation-aware norm bias correction (d2quant)"), _Q.dac, "quant"),
@@ -247,6 +247,10 @@ def print_summary(qm: QuantizedModel) -> None:
     teacher = sum(s.get("teacher_seconds", 0) for s in rep.get("layers", []))
     if teacher:
         extra += f" (its float-stream teacher {teacher:.1f} s)"
+    if dsq := [s["dsq"] for s in rep.get("layers", []) if "dsq" in s]:
+        console.print(f"DSQ on {sum(dsq)} of {len(dsq)} down_proj"
+                      + ("" if all(dsq) else " (only grids of 3 bits or fewer get it)"),
+                      highlight=False)
     if off := rep.get("offload"):
         console.print(f"activations kept on {off['where']} ({off['gib']} GiB: {off['why']})", highlight=False)
     held = f", {rep['start_mem_mb']} MiB of it held before" if "start_mem_mb" in rep else ""

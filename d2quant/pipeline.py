@@ -361,12 +361,13 @@ class Calibrator:
             self.linears[t.name] = QuantizedLinear(grid, s.codes.cpu(), {k: v.cpu() for k, v in s.params.items()}, bias)
         return {t.name: s.error for t, s in zip(unit, solved)}
 
-    def _fold_col_scale(self, prefix: str, layer) -> None:
-        """Move down's column scale c into the up rows: down(act(g) * c*u) == (down*c)(act(g)*u)."""
+    def _fold_col_scale(self, prefix: str, layer) -> bool:
+        """Move down's column scale c into the up rows: down(act(g) * c*u) == (down*c)(act(g)*u).
+        Returns whether down_proj was on a DSQ grid (only those carry a column scale)."""
         fam = self.family
         down = self.linears.get(prefix + fam.down.path)
         if down is None or "col_scale" not in down.params:
-            return
+            return False
         up_path, rows = fam.up_rows(down.shape[1])
         up = self.linears.get(prefix + up_path)
         if up is None:
@@ -384,6 +385,7 @@ class Calibrator:
         up_mod.weight.data.copy_(up.weight().to(self.dev))
         layer.get_submodule(fam.down.path).weight.data.copy_(
             self.linears[prefix + fam.down.path].weight().to(self.dev))
+        return True
 
     def _fold_dac(self, prefix: str, layer, b: torch.Tensor) -> None:
         for lin in self.family.gate_up:
@@ -479,7 +481,9 @@ class Calibrator:
             for hb in hs:
                 mlp(n2(hb) + shift)
         solve(fam.down, m_d, "down")
-        self._fold_col_scale(p, layer)
+        dsq = self._fold_col_scale(p, layer)
+        if cfg.uses_dsq:  # DSQ reaches only a down_proj on a grid of <= 3 bits: say where it did
+            stats["dsq"] = dsq
         if b is not None:
             self._fold_dac(p, layer, b)
         # E: outputs of the quantized layer

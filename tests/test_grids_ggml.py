@@ -270,6 +270,8 @@ def test_invalid_codebook_codes_are_refused():
     off[0, :8] = 2 * torch.tensor(missing) + (codes[0, :8] & 1)
     with pytest.raises(D2Error, match="no point of its codebook"):
         grid.pack(off, params)
+    with pytest.raises(D2Error, match="no per-column rounder"):  # the solver codes it unit by unit
+        grid.rounder(params)
 
 
 @pytest.mark.parametrize("name", TYPES + CODEBOOK_TYPES)

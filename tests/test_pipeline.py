@@ -61,6 +61,7 @@ def test_dsq_column_scale_is_folded_into_up(tiny_source):
     down = qm.linears["model.layers.0.mlp.down_proj"]
     assert isinstance(down.grid, ResidualBinaryGrid) and "col_scale" not in down.params
     assert isinstance(qm.linears["model.layers.0.mlp.up_proj"].grid, UniformGrid)
+    assert [s["dsq"] for s in qm.report["layers"]] == [True] * src.spec.layers
     # the in-place calibrated model and the rebuilt one are the same function
     with torch.no_grad():
         assert torch.allclose(src.model(CALIB[:2]).logits, qm.to_torch()(CALIB[:2]).logits, atol=1e-5)
@@ -101,6 +102,18 @@ def test_calibration_reports_its_own_peak_memory_not_the_processs(tiny_source):
     qm = quantize(tiny_source("llama"), CALIB, QuantConfig(method="gptq", bits=3, group_size=32))
     assert qm.report["peak_mem_of"] == "rss" and 0 < qm.report["start_mem_mb"] <= qm.report["peak_mem_mb"]
     assert 0 < qm.report["peak_mem_mb"] < process_peak - 256, (qm.report["peak_mem_mb"], process_peak)
+
+
+def test_d2quant_without_dac_is_gptq_where_down_proj_has_4_bits(tiny_source):
+    """DSQ reaches only a down_proj on a grid of <= 3 bits (as in llama.cpp's Q3_K_M and up, whose
+    ffn_down is Q4_K or more): there D²Quant without DAC is GPTQ, code for code, and says so."""
+    src = tiny_source("llama")
+    d2 = quantize(src, CALIB, QuantConfig(method="d2quant", bits=4, group_size=32, dac=False, batch=4))
+    gptq = quantize(tiny_source("llama"), CALIB, QuantConfig(method="gptq", bits=4, group_size=32, batch=4))
+    assert [s["dsq"] for s in d2.report["layers"]] == [False] * src.spec.layers
+    assert all("dsq" not in s for s in gptq.report["layers"])
+    for name, ql in gptq.linears.items():
+        assert torch.equal(ql.codes, d2.linears[name].codes), name
 
 
 def test_d2quant_onto_a_codebook_preset_folds_dsq(tiny_source):

@@ -110,6 +110,10 @@ class _CodebookGrid(_GgmlGrid):
     def _scale_offset(self, p, cols):  # the scalar decode model does not apply: see dequantize
         raise D2Error(f"{self.type_name} decodes through its codebook")
 
+    def rounder(self, p: Params):
+        raise D2Error(f"{self.type_name} has no per-column rounder: the solver codes it {self.solve_unit} "
+                      "columns at a time (quantize_units)")
+
     def _dl(self, p: Params, col0: int, n: int) -> torch.Tensor:
         """Per-weight scale [N, n] for the block's columns col0..col0+n."""
         si = torch.arange(col0, col0 + n) // self.sub
