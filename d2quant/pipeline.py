@@ -269,6 +269,32 @@ def _taking_inputs(takes: dict[torch.nn.Module, Callable[[torch.Tensor], None]])
             h.remove()
 
 
+class _Reached(Exception):
+    """Raised by the pre-hook of :func:`_input_to` once it holds the module's input."""
+
+
+def _input_to(mod: torch.nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """``mod``'s input in the forward ``run``, which stops there: the module and whatever follows it
+    are never computed (o_proj in the attention pass, down_proj in the MLP pass: 5 s of the README
+    job), since the callers want only this input."""
+    got = []
+
+    def take(m, inp):
+        got.append(inp[0])
+        raise _Reached
+
+    hook = mod.register_forward_pre_hook(take)
+    try:
+        run()
+    except _Reached:
+        pass
+    finally:
+        hook.remove()
+    if not got:
+        raise RuntimeError(f"the forward never reached {type(mod).__name__}")
+    return got[0]
+
+
 def _causal_mask(t: int, device, window: int | None = None) -> torch.Tensor:
     """Additive [1, 1, t, t] mask; with ``window`` a query sees itself and window - 1 keys before."""
     mask = torch.full((t, t), float("-inf"), device=device).triu(1)
@@ -453,9 +479,8 @@ class Calibrator:
         solve(fam.qkv, m_qkv, "qkv")
         # B: H for o on the context of quantized q/k/v
         ctx = Activations.like(x)
-        with _taking_inputs({o_proj: ctx.append}):
-            for xb in x:
-                run_attn(xb)
+        for xb in x:
+            ctx.append(_input_to(o_proj, lambda: run_attn(xb)))
         m_o = moments(o_proj.in_features, "o")
         for c in ctx:
             m_o.add(c)
@@ -477,9 +502,9 @@ class Calibrator:
         # D: H for down on the quantized gate/up product (summed as it is made, never kept)
         shift = 0 if b is None else b
         m_d = moments(down_proj.in_features, "down")
-        with fwd(), _taking_inputs({down_proj: m_d.add}):
+        with fwd():
             for hb in hs:
-                mlp(n2(hb) + shift)
+                m_d.add(_input_to(down_proj, lambda: mlp(n2(hb) + shift)))
         solve(fam.down, m_d, "down")
         dsq = self._fold_col_scale(p, layer)
         if cfg.uses_dsq:  # DSQ reaches only a down_proj on a grid of <= 3 bits: say where it did
