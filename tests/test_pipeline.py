@@ -8,7 +8,7 @@ import torch
 
 from d2quant import rotation
 from d2quant.grids import ResidualBinaryGrid, UniformGrid
-from d2quant.pipeline import QuantConfig, quantize
+from d2quant.pipeline import QuantConfig, _input_to, quantize
 from d2quant.qmodel import QuantizedModel
 
 CALIB = torch.randint(0, 320, (8, 64), generator=torch.Generator().manual_seed(1))
@@ -243,3 +243,14 @@ def test_shrink_down_solves_only_down_proj_with_its_own_shrink(tiny_source):
     assert QuantConfig(shrink=0.5, shrink_down=0.9).shrink_for(False) == 0.5
     with pytest.raises(Exception, match="--shrink-down must lie in 0..1"):
         QuantConfig(shrink_down=1.5)
+
+
+def test_input_to_stops_the_forward_at_the_module():
+    """The o_proj / down_proj passes take that module's input and compute nothing after it."""
+    first, second, calls = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), []
+    second.register_forward_hook(lambda *a: calls.append("second"))
+    x = torch.randn(5, 4)
+    got = _input_to(second, lambda: calls.append("after") if second(first(x)) is not None else None)
+    assert torch.equal(got, first(x)) and calls == []
+    with pytest.raises(RuntimeError, match="never reached"):
+        _input_to(second, lambda: first(x))
