@@ -275,7 +275,7 @@ class _Reached(Exception):
 
 def _input_to(mod: torch.nn.Module, run: Callable[[], object]) -> torch.Tensor:
     """``mod``'s input in the forward ``run``, which stops there: the module and whatever follows it
-    are never computed (o_proj in the attention pass, down_proj in the MLP pass: 5 s of the README
+    are never computed (o_proj in the attention pass, down_proj in the MLP pass: 10 s of the README
     job), since the callers want only this input."""
     got = []
 
