@@ -167,8 +167,8 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
             col = cols[i1 + i]  # the weight's own column index
             if static is not None:
                 round_column = rounders[col // g]
-            elif col % g == 0:  # fit on the [N, block] layout it always had
-                p = grid.fit(w1t.T.contiguous()[:, i:i + g], h_orig_diag[col:col + g])
+            elif col % g == 0:  # the group's [N, g] columns, error-updated so far
+                p = grid.fit(w1t[i:i + g].T.contiguous(), h_orig_diag[col:col + g])
                 per_group.append(p)
                 round_column = grid.rounder(p)
             wc = w1t[i]
