@@ -67,7 +67,7 @@ REFERENCE = "llamacpp"  # the file decode speed is compared against
 KEY = ("model", "preset", "method", "calib", "nsamples", "seqlen", "windows", "ctx")
 _LEVERS = {f.name: f.type for f in dataclasses.fields(QuantConfig)
            if f.name in ("dsq", "dac", "act_order", "damp", "shrink", "shrink_down", "rotate", "dsq_form",
-                         "objective", "forward_dtype")}
+                         "objective", "scale_fit", "forward_dtype")}
 
 
 def method_config(method: str) -> tuple[str, dict]:

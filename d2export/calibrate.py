@@ -69,6 +69,9 @@ CALIBRATION_OPTIONS = {
     "objective": (typer.Option(help="what GPTQ minimises per linear, X~ / X its inputs in the quantized / float "
                                     "model: sequential ||(Q-W)X~|| | float ||(Q-W)X|| | asymmetric ||QX~ - WX||"),
                   _Q.objective, "quant"),
+    "scale_fit": (typer.Option(help="column weights of each group's scale fit: diag (H_jj, as an imatrix) | "
+                                    "conditional (H_jj less what later columns compensate, GPTQ's own weight)"),
+                  _Q.scale_fit, "quant"),
     "stream": (typer.Option("--stream/--no-stream",
                             help="read the weights one layer at a time from the safetensors or .gguf (RAM: about one layer)"),
                _Q.stream, "quant"),

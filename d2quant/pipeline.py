@@ -41,6 +41,7 @@ from d2quant.sources import Source
 
 METHODS = ("rtn", "gptq", "d2quant")
 OBJECTIVES = ("sequential", "float", "asymmetric")
+SCALE_FITS = ("diag", "conditional")
 FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # and "auto": by the device
 
 
@@ -77,6 +78,9 @@ class QuantConfig:
     # quantized model's inputs, the error on the float model's, or the quantized output's distance to
     # the float model's output (asymmetric)
     objective: str = "sequential"
+    # the column weights of each group's scale fit (solver.gptq_rows): diag(H), as llama.cpp's imatrix,
+    # or what GPTQ's step weighs each column's error with once later columns compensate (conditional)
+    scale_fit: str = "diag"
     device: str = "auto"
     batch: int = 8  # calibration samples per forward
     # read the source's weights one decoder layer at a time (d2quant.weights) instead of whole
@@ -106,6 +110,8 @@ class QuantConfig:
             raise D2Error(f"--damp must be 0 or more (a fraction of mean(diag H); GPTQ's 0.01), got {self.damp}")
         if self.objective not in OBJECTIVES:
             raise D2Error(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.scale_fit not in SCALE_FITS:
+            raise D2Error(f"--scale-fit must be one of {', '.join(SCALE_FITS)}, got {self.scale_fit!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise D2Error(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.forward_dtype == "auto":  # resolved once: the recipe records what ran
@@ -120,7 +126,8 @@ class QuantConfig:
 
     # options added after files were pinned, recorded only away from these values, so files made
     # without them keep the bytes they had before the option existed
-    _RECORDED_WHEN_NOT = {"forward_dtype": "float32", "shrink_down": None, "objective": "sequential"}
+    _RECORDED_WHEN_NOT = {"forward_dtype": "float32", "shrink_down": None, "objective": "sequential",
+                          "scale_fit": "diag"}
 
     def recipe(self) -> dict:
         """The config as files record it."""
@@ -379,7 +386,7 @@ class Calibrator:
                 solved = [rtn(w, grid, h) for w in ws]
             else:
                 solved = gptq_rows(ws, h, grid, damp=self.cfg.damp, act_order=self.cfg.act_order,
-                                   shrink=unit[0].shrink, cross=cross)
+                                   shrink=unit[0].shrink, cross=cross, scale_fit=self.cfg.scale_fit)
         for t, s in zip(unit, solved):
             t.module.weight.data.copy_(s.weight.to(t.module.weight.dtype))
             bias = getattr(t.module, "bias", None)  # embeddings have none

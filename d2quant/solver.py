@@ -78,14 +78,14 @@ def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None) -> Solved:
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
-         block: int = 128, act_order: bool = False, shrink: float = 0.0) -> Solved:
+         block: int = 128, act_order: bool = False, shrink: float = 0.0, scale_fit: str = "diag") -> Solved:
     """GPTQ of one weight (see gptq_rows)."""
-    return gptq_rows([w], h, grid, damp, block, act_order, shrink)[0]
+    return gptq_rows([w], h, grid, damp, block, act_order, shrink, scale_fit=scale_fit)[0]
 
 
 def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float = 0.01,
               block: int = 128, act_order: bool = False, shrink: float = 0.0,
-              cross: torch.Tensor | None = None) -> list[Solved]:
+              cross: torch.Tensor | None = None, scale_fit: str = "diag") -> list[Solved]:
     """GPTQ (Frantar et al.) with lazy block updates; groups never straddle a block.
 
     shrink: solve with H' = (1 - shrink) H + shrink diag(H). At 1 the off-diagonal correlations,
@@ -96,6 +96,12 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     the least error has accumulated). A group's columns are then scattered through the visit
     order, so every group's parameters are fit up front on the original weights ("static
     groups") instead of on the error-updated ones when the loop reaches the group.
+
+    scale_fit: how each column's error is weighed when a group's scales are fit. "diag": by H_jj, as
+    llama.cpp weighs with an imatrix. "conditional": by the energy left in column j after the columns
+    GPTQ visits later have compensated what they can, 1/U_jj^2 = H_jj - H_j,later H_later^-1 H_later,j
+    (U the upper Cholesky factor of the damped H^-1, in visit order), the weight GPTQ's own step puts
+    on that column's rounding error. Equal for a diagonal H.
 
     cross: C = 2/n X_f^T X, the inputs X the quantized model gives the linear against the X_f the
     float model gives it (H = 2/n X^T X). Then the objective is ||Q X - W X_f||^2, which is the usual
@@ -130,10 +136,7 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     h_orig_diag = torch.diag(h_raw)
     g = grid.group
     unit = getattr(grid, "solve_unit", 1)
-    static = None
     if act_order:
-        with outer_threads():
-            static = grid.fit_groups(w, h_orig_diag)
         if unit == 1:
             perm = torch.argsort(h_orig_diag, descending=True)
         else:  # whole units, by their summed energy
@@ -144,6 +147,14 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
         perm = torch.arange(k, device=w.device)
         block = g * max(1, block // g)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(_damped(h, damp))), upper=True)
+    importance = h_orig_diag
+    if scale_fit == "conditional":  # 1 / U_jj^2 = H_jj - H_j,later H_later^-1 H_later,j (damped)
+        importance = torch.empty_like(h_orig_diag)
+        importance[perm] = torch.diag(hinv) ** -2
+    static = None
+    if act_order:
+        with outer_threads():
+            static = grid.fit_groups(w_in, importance)
     rounders = None if static is None or unit > 1 else [grid.rounder(p) for p in static]
     codes = torch.zeros(n, k, dtype=torch.int16, device=w.device)
     q_all = torch.zeros_like(w)
@@ -155,7 +166,7 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
         if unit > 1:
             w1 = w[:, i1:i2].clone()
             err1 = torch.zeros_like(w1)
-            _vector_block(grid, w1, err1, hinv1, cols[i1:i2], static, per_group, h_orig_diag, codes, q_all)
+            _vector_block(grid, w1, err1, hinv1, cols[i1:i2], static, per_group, importance, codes, q_all)
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
             continue
         # the block transposed, so that a column and the rows the update below touches are contiguous
@@ -168,7 +179,7 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
             if static is not None:
                 round_column = rounders[col // g]
             elif col % g == 0:  # the group's [N, g] columns, error-updated so far
-                p = grid.fit(w1t[i:i + g].T.contiguous(), h_orig_diag[col:col + g])
+                p = grid.fit(w1t[i:i + g].T.contiguous(), importance[col:col + g])
                 per_group.append(p)
                 round_column = grid.rounder(p)
             wc = w1t[i]
@@ -206,7 +217,7 @@ def _asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, da
     return w + (w @ (cross - h)) @ torch.cholesky_inverse(_cholesky(_damped(h, damp)))
 
 
-def _vector_block(grid, w1, err1, hinv1, cols, static, per_group, h_orig_diag, codes, q_all) -> None:
+def _vector_block(grid, w1, err1, hinv1, cols, static, per_group, importance, codes, q_all) -> None:
     """One lazy block of GPTQ on a vector grid, unit by unit (see gptq); fills err1 for the block."""
     g, unit = grid.group, grid.solve_unit
     p = None
@@ -215,7 +226,7 @@ def _vector_block(grid, w1, err1, hinv1, cols, static, per_group, h_orig_diag, c
         if static is not None:
             p = static[col // g]
         elif col % g == 0:
-            p = grid.fit(w1[:, i:i + g], h_orig_diag[col:col + g])
+            p = grid.fit(w1[:, i:i + g], importance[col:col + g])
             per_group.append(p)
         u_uu = hinv1[i:i + unit, i:i + unit]
         weight = torch.diag(torch.linalg.inv(u_uu.T @ u_uu))

@@ -229,6 +229,18 @@ def test_asymmetric_objective_moves_only_what_drifted(arch, method, tiny_source)
     assert asym.recipe["objective"] == "asymmetric"
 
 
+def test_scale_fit_reaches_every_solve_and_the_recipe(tiny_source):
+    """--scale-fit conditional changes the fitted scales (so codes) and is recorded only when set."""
+    cfg = dict(method="gptq", bits=3, group_size=32, batch=4)
+    base = quantize(tiny_source("llama"), CALIB, QuantConfig(**cfg))
+    cond = quantize(tiny_source("llama"), CALIB, QuantConfig(**cfg, scale_fit="conditional"))
+    moved = [n for n in base.linears if not torch.equal(base.linears[n].params["scale"], cond.linears[n].params["scale"])]
+    assert len(moved) == len(base.linears)
+    assert cond.recipe["scale_fit"] == "conditional" and "scale_fit" not in base.recipe
+    with pytest.raises(Exception, match="--scale-fit must be one of diag, conditional"):
+        QuantConfig(scale_fit="hessian")
+
+
 def test_shrink_down_solves_only_down_proj_with_its_own_shrink(tiny_source):
     """--shrink-down: down_proj's Hessian shrinks by its own value, every other linear by --shrink.
     Layer 0's linears before down see the same inputs either way, so only its down_proj moves; the

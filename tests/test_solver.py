@@ -77,6 +77,33 @@ def test_shrinking_the_hessian_to_its_diagonal_removes_the_error_feedback():
     assert torch.equal(gptq(w, h, grid, act_order=True, shrink=0.0).codes, full.codes)
 
 
+@pytest.mark.parametrize("act_order", [True, False])
+def test_conditional_scale_fit_weighs_each_column_by_what_later_columns_leave(act_order, monkeypatch):
+    """scale_fit="conditional" fits every group's scales with column j weighted by its Schur
+    complement against the columns visited after it (in the damped H), GPTQ's own step weight; on a
+    diagonal H that is H_jj, so both fits give the same bits."""
+    w, h = problem(k=128)
+    grid, damp = UniformGrid(3, 64), 0.01
+    seen = []
+    entry = "fit_groups" if act_order else "fit"  # static groups are fit up front, dynamic ones in turn
+    fitter = getattr(grid, entry)
+    monkeypatch.setattr(grid, entry, lambda w_, imp: seen.append(imp.clone()) or fitter(w_, imp))
+    s = gptq(w, h, grid, damp=damp, act_order=act_order, scale_fit="conditional")
+    assert torch.equal(grid.dequantize_matrix(s.codes, s.params), s.weight)
+    imp = torch.cat(seen)
+    hd = (h + damp * h.diag().mean() * torch.eye(128)).double()
+    order = torch.argsort(h.diag(), descending=True).tolist() if act_order else list(range(128))
+    for at, j in enumerate(order):
+        later = order[at + 1:]
+        schur = hd[j, j] - (hd[j, later] @ torch.linalg.solve(hd[later][:, later], hd[later, j]) if later else 0)
+        assert imp[j].item() == pytest.approx(schur.item(), rel=1e-3)
+    assert (imp / hd.diag().float()).mean() < 0.95  # later columns explain part of the columns
+    d = torch.diag(4.0 ** torch.randint(-3, 4, (128,)).float())
+    for ao in (True, False):
+        diag, cond = (gptq(w, d, grid, damp=0.0, act_order=ao, scale_fit=f) for f in ("diag", "conditional"))
+        assert torch.equal(diag.codes, cond.codes) and torch.equal(diag.weight, cond.weight)
+
+
 @pytest.mark.parametrize("name", ["IQ2_XXS", "IQ3_XXS", "IQ3_S"])  # IQ3_XXS: a parity spans 2 units
 @pytest.mark.parametrize("act_order", [False, True])
 def test_vector_gptq_on_codebook_grids_is_exact_and_beats_rounding(name, act_order):
