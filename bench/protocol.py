@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from corpora import corpus_path  # bench/ is on sys.path when run as a script
-from d2quant.data import CalibConfig, calibration_tokens, generator_id, read_text, wikitext_dir
+from d2quant.data import CalibConfig, calibration_tokens, generator_id, mixture_sizes, read_text, wikitext_dir
 from d2quant.errors import D2Error
 from d2quant.evaluate import (LogitsBackend, log_probs, log_softmax_nll, summarize_kl, token_kl,
                               windows)
@@ -85,11 +85,10 @@ def calib_tokens(calib: str, model_name: str, model, tokenizer, nsamples: int, s
     if calib == "wiki":
         cfg = CalibConfig(str(wikitext_dir() / "valid.txt"), nsamples, seqlen, 0)
         return calibration_tokens(cfg, model, tokenizer, torch.device("cpu"))
-    if calib == "mix":
-        half = nsamples // 2
-        return torch.cat([calib_tokens("wiki", model_name, model, tokenizer, half, seqlen),
-                          calib_tokens("chat", model_name, model, tokenizer, nsamples - half, seqlen,
-                                       base_model)])
+    if calib == "mix":  # d2export's --calib valid.txt+self-chat, with the chat text cached as below
+        n_wiki, n_chat = mixture_sizes(nsamples, 2)
+        return torch.cat([calib_tokens("wiki", model_name, model, tokenizer, n_wiki, seqlen),
+                          calib_tokens("chat", model_name, model, tokenizer, n_chat, seqlen, base_model)])
     path = OUT / "calib" / f"{_base_name(model_name)}-{calib}-{nsamples}x{seqlen}-seed0-gen{generator_id(torch.device('cpu'))}.pt"
     if path.is_file():
         return torch.load(path)

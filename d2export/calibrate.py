@@ -47,8 +47,9 @@ _Q, _C = QuantConfig(), CalibConfig()  # the defaults live in the configs themse
 # name -> (typer option, default, which config it belongs to)
 CALIBRATION_OPTIONS = {
     "method": (typer.Option(help="rtn | gptq | d2quant"), _Q.method, "quant"),
-    "calib": (typer.Option(help="text file, folder of .txt, 'self' (model-generated) or "
-                                "hf:NAME[:CFG[:SPLIT]]"), _C.calib, "data"),
+    "calib": (typer.Option(help="text file, folder of .txt, 'self' (model-generated), 'self-chat' (its chat "
+                                "answers), hf:NAME[:CFG[:SPLIT]], or a mixture: A+B (e.g. notes.txt+self-chat)"),
+              _C.calib, "data"),
     "nsamples": (typer.Option(help="calibration sequences"), _C.nsamples, "data"),
     "seqlen": (typer.Option(help="tokens per calibration sequence"), _C.seqlen, "data"),
     "seed": (typer.Option(help="seed for sampling calibration windows / self-generated text"), _C.seed, "data"),

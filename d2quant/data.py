@@ -24,21 +24,46 @@ def wikitext_dir() -> Path:
     return Path(root) / "wikitext-2"
 
 
+GENERATED = ("self", "self-chat")
+
+
+def mixture_sizes(nsamples: int, parts: int) -> list[int]:
+    """Samples per source of a mixture: as equal as they divide, the earlier sources first."""
+    return [nsamples // parts + (i < nsamples % parts) for i in range(parts)]
+
+
 @dataclass
 class CalibConfig:
-    calib: str = "self"  # path | "self" | "self-chat" | "hf:NAME[:CONFIG[:SPLIT]]"
+    # path | "self" | "self-chat" | "hf:NAME[:CONFIG[:SPLIT]]", or several joined by "+" (a mixture:
+    # the samples split evenly across them, e.g. "notes.txt+self-chat")
+    calib: str = "self"
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
 
     @property
+    def sources(self) -> list[str]:
+        return [self.calib] if Path(self.calib).exists() else self.calib.split("+")
+
+    @property
     def generated(self) -> bool:
-        """The model writes this calibration text itself (by ``generator_id``)."""
-        return self.calib in ("self", "self-chat")
+        """The model writes (some of) this calibration text itself (by ``generator_id``)."""
+        return any(part in GENERATED for part in self.sources)
 
     def __post_init__(self):
         if self.nsamples < 1 or self.seqlen < 16:
             raise D2Error(f"need --nsamples >= 1 and --seqlen >= 16, got {self.nsamples}, {self.seqlen}")
+        parts = self.sources
+        if not all(parts):
+            raise D2Error(f"--calib {self.calib!r} has an empty part; join sources with a single '+' "
+                          "(e.g. notes.txt+self-chat)")
+        for part in parts:  # before any model is loaded or any text generated
+            if part not in GENERATED and not part.startswith("hf:") and not Path(part).exists():
+                raise D2Error(f"calibration text {part} does not exist; pass a .txt file, a folder of them, "
+                              "'self', 'self-chat', hf:NAME, or a mixture A+B of those")
+        if len(parts) > self.nsamples:
+            raise D2Error(f"--calib mixes {len(parts)} sources but --nsamples is {self.nsamples}; "
+                          "give at least one sample per source")
 
 
 def read_text(path: str | Path) -> str:
@@ -300,7 +325,11 @@ def chat_generated(model, tokenizer, cfg: CalibConfig, device: torch.device, bat
 
 
 def calibration_tokens(cfg: CalibConfig, model, tokenizer, device: torch.device) -> torch.Tensor:
-    """[nsamples, seqlen] token ids."""
+    """[nsamples, seqlen] token ids; a mixture's sources in their order, each as if given alone."""
+    parts = cfg.sources
+    if len(parts) > 1:
+        return torch.cat([calibration_tokens(CalibConfig(part, n, cfg.seqlen, cfg.seed), model, tokenizer, device)
+                          for part, n in zip(parts, mixture_sizes(cfg.nsamples, len(parts)))])
     if cfg.generated:
         generate = self_generated if cfg.calib == "self" else chat_generated
         with sampling_precision(model.to(device), device):

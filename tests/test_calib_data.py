@@ -25,6 +25,32 @@ def test_self_generation_is_seeded_full_length_and_leaves_the_model_untouched(ti
     assert model.config._attn_implementation == attention  # restored after sampling
 
 
+def test_a_mixture_is_its_sources_each_as_if_given_alone(tiny_hf_dir, tmp_path):
+    """--calib notes.txt+self-chat: the samples split evenly, each source's rows exactly what that
+    source alone gives for its share; a malformed mixture is refused before anything runs."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The quick brown fox jumps over the lazy dog. " * 80)
+    cpu = torch.device("cpu")
+    mixed = CalibConfig(f"{notes}+self-chat", nsamples=5, seqlen=32, seed=1)
+    assert mixed.generated and mixed.sources == [str(notes), "self-chat"]
+    got = calibration_tokens(mixed, model, tok, cpu)
+    assert got.shape == (5, 32)
+    assert torch.equal(got[:3], calibration_tokens(CalibConfig(str(notes), 3, 32, 1), model, tok, cpu))
+    assert torch.equal(got[3:], calibration_tokens(CalibConfig("self-chat", 2, 32, 1), model, tok, cpu))
+    assert not CalibConfig(str(notes)).generated
+    plus = tmp_path / "a+b.txt"  # an existing file whose name holds a '+' is one source
+    plus.write_text("x")
+    assert CalibConfig(str(plus)).sources == [str(plus)]
+    with pytest.raises(Exception, match="empty part"):
+        CalibConfig(f"{notes}++self")
+    with pytest.raises(Exception, match="mixes 3 sources but --nsamples is 2"):
+        CalibConfig(f"self+self-chat+{notes}", nsamples=2)
+    with pytest.raises(Exception, match="missing.txt does not exist"):
+        CalibConfig(f"self+{tmp_path}/missing.txt")
+
+
 def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
     logits = torch.log(torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]])).expand(20000, 5).contiguous()
     got = _draw(logits, torch.Generator().manual_seed(0)).reshape(-1)

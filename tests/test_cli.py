@@ -115,6 +115,9 @@ def test_bad_options(tiny_hf_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("only a few words")
     _bad(tmp_path, "quantize", tiny_hf_dir, "--calib", short, match="fewer than one sample")
+    _bad(tmp_path, "gguf", tiny_hf_dir, "--calib", f"{short}+self+", match="empty part")
+    _bad(tmp_path, "gguf", tiny_hf_dir, "--calib", f"self-chat+{tmp_path / 'nope.txt'}", match="does not exist")
+    _bad(tmp_path, "gguf", tiny_hf_dir, "--scale-fit", "hessian", match="--scale-fit must be one of")
     _bad(tmp_path, "gguf", tiny_hf_dir, "--type", "Q1_X", match="unknown --type")
     _bad(tmp_path, "onnx", tiny_hf_dir, "--embed", "q2", match="--embed")
     _bad(tmp_path, "onnx", tiny_hf_dir, "--attention", "flash", match="--attention")
