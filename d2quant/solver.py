@@ -100,8 +100,8 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     scale_fit: how each column's error is weighed when a group's scales are fit. "diag": by H_jj, as
     llama.cpp weighs with an imatrix. "conditional": by the energy left in column j after the columns
     GPTQ visits later have compensated what they can, 1/U_jj^2 = H_jj - H_j,later H_later^-1 H_later,j
-    (U the upper Cholesky factor of the damped H^-1, in visit order), the weight GPTQ's own step puts
-    on that column's rounding error. Equal for a diagonal H.
+    (U the upper Cholesky factor of the shrunk and damped H's inverse, in visit order), the weight
+    GPTQ's own step puts on that column's rounding error. For a diagonal H it is H_jj plus the damping.
 
     cross: C = 2/n X_f^T X, the inputs X the quantized model gives the linear against the X_f the
     float model gives it (H = 2/n X^T X). Then the objective is ||Q X - W X_f||^2, which is the usual
