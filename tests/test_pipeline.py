@@ -1,8 +1,10 @@
 """Calibration pipeline on tiny random models: rotation, DAC, DSQ folding, checkpoint round trip."""
 
 import copy
+import mmap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,10 +97,6 @@ def test_gptq_beats_rtn_on_calibration_kl(tiny_source):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak-RSS reset is Linux's")
 def test_calibration_reports_its_own_peak_memory_not_the_processs(tiny_source):
-    import mmap
-
-    import numpy as np
-
     from d2quant.cpu import peak_rss_mb
     # 512 MiB touched by work before calibration, then freed; an anonymous map of its own, so that
     # it is certainly returned to the kernel (the heap's free space need not be, after other tests)
