@@ -318,27 +318,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: Path, eval_set: str = "wiki-test") -> None:
-    """Perplexity on ``eval_set`` against file size, one line per method across the presets: the
-    curve a user reads to choose a file (matplotlib, from the bench extra)."""
+def default_method(method: str) -> str | None:
+    """The bare method a label names when its levers are all today's defaults (``gptq+shrink=0.5``
+    is ``gptq`` since shrink 0.5 became the default), else None: a lever row, not a preset curve."""
+    base, overrides = method_config(method)
+    defaults = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
+    return base if all(defaults.get(k) == v for k, v in overrides.items()) else None
+
+
+def plot(rows: list[dict], path: Path, eval_set: str, calib: str, nsamples: int, seqlen: int) -> None:
+    """Perplexity on ``eval_set`` against file size, one line per method at its default settings
+    across the presets, for one calibration: the curve a user reads to choose a file (matplotlib,
+    from the bench extra). Lever rows are left to the table; of repeated rows the newest counts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for model, calib in sorted({(r["model"], r["calib"]) for r in rows}):
-        series: dict[str, list[tuple[float, float, str]]] = {}
+    for model in sorted({r["model"] for r in rows}):
+        series: dict[str, dict[str, tuple[float, float]]] = {}
         for r in rows:
-            if (r["model"], r["calib"]) == (model, calib) and eval_set in r["scores"] and r["method"] != "float":
-                series.setdefault(r["method"], []).append((r["file_bytes"] / 2**20, r["scores"][eval_set]["ppl"],
-                                                           r["preset"]))
-        for method, pts in sorted(series.items()):
+            if (r["model"], r["calib"], r["nsamples"], r["seqlen"]) != (model, calib, nsamples, seqlen) \
+                    or eval_set not in r["scores"] or r["method"] == "float":
+                continue
+            method = default_method(r["method"])
+            if method is not None:
+                series.setdefault(method, {})[r["preset"]] = (r["file_bytes"] / 2**20, r["scores"][eval_set]["ppl"])
+        for method in sorted(series, key=METHODS.index):
+            pts = sorted((x, y, preset) for preset, (x, y) in series[method].items())
             if len(pts) < 2:
                 continue
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} ({model}, {calib})")
-            for x, y, preset in pts:
-                ax.annotate(preset, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            label = "llama.cpp, no imatrix" if method == "llamacpp" else \
+                "llama.cpp + imatrix" if method == "llamacpp-imatrix" else \
+                {"gptq": "GPTQ (ours)", "d2quant": "D²Quant (ours)"}[method]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label}, {model}")
+            for x, y, preset in pts:  # every method's files of a preset have about one size: name them once
+                if method == "llamacpp-imatrix" or preset not in series.get("llamacpp-imatrix", {}):
+                    ax.annotate(preset, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_title(f"calibration: {calib} {nsamples}×{seqlen} tokens (the same for every method)", fontsize=9)
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel(f"llama.cpp perplexity, {eval_set}")
     ax.set_yscale("log")
@@ -381,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
         print(table(read_rows(a.results)))
         return
     if a.plot:
-        plot([r for r in read_rows(a.results) if r["model"] in a.models], a.plot, a.plot_set)
+        plot([r for r in read_rows(a.results) if r["model"] in a.models], a.plot, a.plot_set,
+             a.calib, a.nsamples, a.seqlen)
         return
     for m in a.methods:
         method_config(m)  # refuse a bad lever before hours of work

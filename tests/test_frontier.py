@@ -32,6 +32,16 @@ def test_frontier_is_the_pareto_curve_interpolated_in_log_perplexity():
     assert frontier.frontier_at(points, 201) is None
 
 
+def test_preset_curves_merge_labels_that_name_the_defaults():
+    """The preset plot's lines: a label whose levers are today's defaults is the bare method."""
+    assert QuantConfig.shrink == 0.5
+    assert gb.default_method("gptq+shrink=0.5") == "gptq"
+    assert gb.default_method("d2quant+shrink=0.5+act_order=True") == "d2quant"
+    assert gb.default_method("llamacpp-imatrix") == "llamacpp-imatrix"
+    assert gb.default_method("gptq+shrink=0") is None
+    assert gb.default_method("d2quant+scale_fit=conditional") is None
+
+
 def test_frontier_recipe_is_what_target_size_chooses(tiny_hf_dir, tmp_path):
     model = str(tiny_hf_dir)
     src = load_source(model)
