@@ -326,6 +326,10 @@ def default_method(method: str) -> str | None:
     return base if all(defaults.get(k) == v for k, v in overrides.items()) else None
 
 
+CURVE_LABELS = {"llamacpp": "llama.cpp, no imatrix", "llamacpp-imatrix": "llama.cpp + imatrix",
+                "gptq": "GPTQ (ours)", "d2quant": "D²Quant (ours)"}
+
+
 def plot(rows: list[dict], path: Path, eval_set: str, calib: str, nsamples: int, seqlen: int) -> None:
     """Perplexity on ``eval_set`` against file size, one line per method at its default settings
     across the presets, for one calibration: the curve a user reads to choose a file (matplotlib,
@@ -348,9 +352,7 @@ def plot(rows: list[dict], path: Path, eval_set: str, calib: str, nsamples: int,
             pts = sorted((x, y, preset) for preset, (x, y) in series[method].items())
             if len(pts) < 2:
                 continue
-            label = "llama.cpp, no imatrix" if method == "llamacpp" else \
-                "llama.cpp + imatrix" if method == "llamacpp-imatrix" else \
-                {"gptq": "GPTQ (ours)", "d2quant": "D²Quant (ours)"}[method]
+            label = CURVE_LABELS.get(method, method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label}, {model}")
             for x, y, preset in pts:  # every method's files of a preset have about one size: name them once
                 if method == "llamacpp-imatrix" or preset not in series.get("llamacpp-imatrix", {}):

@@ -7,12 +7,21 @@ Each run is one ``d2export`` command in a child process; its peak RSS is the chi
 Random weights say nothing about quality: these rows are about memory and time only.
 
     python bench/scale.py --shapes 2048x8192x6 2048x8192x24 --command gguf --stream
+    python bench/scale.py --shapes 2048x8192x12 --command quantize --nproc 2   # torchrun, gloo on CPU
+    python bench/scale.py --shapes --models qwen2.5-coder-1.5b --type Q3_K_M --no-stream
     python bench/scale.py --table
+
+With ``--nproc N`` the command runs under ``torchrun --nproc-per-node N``; its peak RSS is then the
+largest single process's (``ru_maxrss`` of waited-for children is a maximum, not a sum). A run that
+is not the streamed 1-process one (``--no-stream`` or ``--nproc``) is compared with that run's output
+when it exists (run it first, with the same options): a checkpoint's tensors byte for byte and its manifest up to its timings, a GGUF's
+tensors byte for byte (its recipe records the options, so it differs).
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import subprocess
@@ -84,6 +93,26 @@ def float32_bytes(folder: Path) -> int:
     return json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"] * 2
 
 
+def synthetic(text: str) -> tuple[str, str, int, float]:
+    """(label, source argument, layers, float32 GiB) of a synthetic shape, made on first use."""
+    hidden, ffn, layers = parse_shape(text)
+    folder = make_model(hidden, ffn, layers, MODELS / text)
+    return f"{hidden}/{ffn}", str(folder), layers, float32_bytes(folder) / 2**30
+
+
+def real(name: str) -> tuple[str, str, int, float]:
+    """The same for a real model given as a GGUF alias or file (its float32 size, not the file's)."""
+    from d2quant.sources import resolve
+    from d2quant.weights import open_gguf
+
+    kind, path = resolve(name)
+    if kind != "gguf":
+        raise SystemExit(f"--models takes GGUF aliases or files, not {name}; synthetic models go in --shapes")
+    reader, arch = open_gguf(path)
+    layers = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    return name, name, layers, sum(int(t.n_elements) for t in reader.tensors) * 4 / 2**30
+
+
 def run(cmd: list[str], log: Path) -> tuple[float, float, int]:
     """(wall s, peak RSS MiB, exit code) of one command in a child process (its own rusage)."""
     t0 = time.time()
@@ -96,10 +125,42 @@ def run(cmd: list[str], log: Path) -> tuple[float, float, int]:
     return time.time() - t0, usage.ru_maxrss / 1024, p.returncode
 
 
+MEASURED = {"seconds", "peak_mem_mb", "start_mem_mb"}  # the manifest's clock and memory readings
+
+
+def _results(node):
+    """A manifest without its clock and memory readings, which differ between any two runs."""
+    if isinstance(node, dict):
+        return {k: _results(v) for k, v in node.items() if k not in MEASURED}
+    return [_results(v) for v in node] if isinstance(node, list) else node
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    """Whether two checkpoints hold the same files: tensors byte for byte, manifests up to timings."""
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    if names != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
+        return False
+    manifest = Path("manifest.json")
+    return (all(filecmp.cmp(a / n, b / n, shallow=False) for n in names if n != manifest)
+            and _results(json.loads((a / manifest).read_text())) == _results(json.loads((b / manifest).read_text())))
+
+
+def same_gguf_tensors(a: Path, b: Path) -> bool:
+    """Whether two GGUF files hold the same tensors: names, types and data bytes."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    ta, tb = ({t.name: t for t in GGUFReader(str(f)).tensors} for f in (a, b))
+    return ta.keys() == tb.keys() and all(
+        ta[n].tensor_type == tb[n].tensor_type
+        and np.array_equal(np.asarray(ta[n].data).view(np.uint8), np.asarray(tb[n].data).view(np.uint8)) for n in ta)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=["2048x8192x6", "2048x8192x12", "2048x8192x24", "3072x8192x28"],
+    ap.add_argument("--shapes", nargs="*", default=["2048x8192x6", "2048x8192x12", "2048x8192x24", "3072x8192x28"],
                     help="HIDDENxFFNxLAYERS")
+    ap.add_argument("--models", nargs="*", default=[], help="real models (GGUF aliases or files), after the shapes")
     ap.add_argument("--command", default="gguf", choices=("gguf", "quantize"))
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--method", default="gptq")
@@ -107,31 +168,42 @@ def main(argv=None) -> None:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--nproc", type=int, default=1, help="processes under torchrun (gloo on CPU)")
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args(argv)
     if a.table:
-        print("| model | layers | float32 GiB | command | stream | calibration | wall s | peak RSS GiB | RSS / float32 |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| model | layers | float32 GiB | command | stream | processes | calibration | wall s | "
+              "peak RSS GiB | RSS / float32 | same result as streamed 1 process |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in read_rows(a.results):
+            same = {True: "yes", False: "**no**", None: "-"}[r.get("equal_to_reference")]
             print(f"| {r['shape']} | {r['layers']} | {r['float32_gib']:.2f} | {r['command']} {r.get('type', '')} | "
-                  f"{r['stream']} | {r['nsamples']}×{r['seqlen']} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} | "
-                  f"{r['peak_rss_gib'] / r['float32_gib']:.0%} |")
+                  f"{r['stream']} | {r.get('nproc', 1)} | {r['nsamples']}×{r['seqlen']} | {r['wall_s']:.0f} | "
+                  f"{r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / r['float32_gib']:.0%} | {same} |")
         return
     exe = str(Path(sys.executable).with_name("d2export"))
-    for text in a.shapes:
-        hidden, ffn, layers = parse_shape(text)
-        folder = make_model(hidden, ffn, layers, MODELS / text)
-        out = ROOT / "out" / "scale" / f"{text}-{a.command}"
-        cmd = [exe, a.command, str(folder), "--method", a.method, "--calib", str(wikitext_dir() / "valid.txt"),
+    launch = [exe] if a.nproc == 1 else [str(Path(sys.executable).with_name("torchrun")),
+                                         f"--nproc-per-node={a.nproc}", exe]
+    runs = ROOT / "out" / "scale"
+    targets = [(t, synthetic(t)) for t in a.shapes] + [(Path(m).name.removesuffix(".gguf"), real(m)) for m in a.models]
+    for stem, (label, source, layers, gib) in targets:
+        ext = ".gguf" if a.command == "gguf" else ""
+        single = runs / f"{stem}-{a.command}"  # the streamed 1-process run, the reference for equality
+        out = single.with_name(single.name + ("" if a.stream else "-whole") + (f"-np{a.nproc}" if a.nproc > 1 else ""))
+        cmd = [*launch, a.command, source, "--method", a.method, "--calib", str(wikitext_dir() / "valid.txt"),
                "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--force",
-               "--stream" if a.stream else "--no-stream", "-o", str(out) + (".gguf" if a.command == "gguf" else "")]
+               "--stream" if a.stream else "--no-stream", "-o", str(out) + ext]
         if a.command == "gguf":
             cmd += ["--type", a.type, "--no-verify"]
-        wall, rss, rc = run(cmd, out.with_suffix(".log"))
-        row = {"shape": f"{hidden}/{ffn}", "layers": layers, "float32_gib": float32_bytes(folder) / 2**30,
+        wall, rss, rc = run(cmd, out.with_name(out.name + ".log"))
+        row = {"shape": label, "layers": layers, "float32_gib": gib,
                "command": a.command, "type": a.type if a.command == "gguf" else "", "stream": a.stream,
                "method": a.method, "nsamples": a.nsamples, "seqlen": a.seqlen, "wall_s": round(wall, 1),
-               "peak_rss_gib": round(rss / 1024, 3), "rc": rc, "cmd": " ".join(cmd)}
+               "peak_rss_gib": round(rss / 1024, 3), "nproc": a.nproc, "rc": rc, "cmd": " ".join(cmd)}
+        reference = Path(str(single) + ext)
+        if rc == 0 and out != single and reference.exists():
+            same = same_gguf_tensors if a.command == "gguf" else same_checkpoint
+            row["equal_to_reference"] = same(reference, Path(str(out) + ext))
         print(json.dumps(row), flush=True)
         if rc == 0:
             append_row(a.results, row)

@@ -4,8 +4,9 @@ Each rank holds a contiguous share of the calibration batches and their activati
 method needs (Hessian moments, DAC teacher and student sums) are reduced by an *ordered chain*:
 rank 0 adds its batches' terms to a zero running sum, passes it to rank 1, which adds its own, and
 so on; the last rank broadcasts the total. These are the same floating-point additions in the same
-order as one process makes, so N processes give bit-identical codes. The linears of one group (q/k/v,
-gate/up) are solved on different ranks and broadcast; rank 0 writes. gloo on CPU, NCCL on CUDA.
+order as one process makes, so N processes give bit-identical codes. The units of work of one group
+(``pipeline._plan``: linears on one row-independent grid are a single unit) are dealt to the ranks in
+turn, solved there and broadcast; rank 0 writes. gloo on CPU, NCCL on CUDA.
 """
 
 from __future__ import annotations

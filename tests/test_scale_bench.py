@@ -1,0 +1,60 @@
+"""bench/scale.py: the equality it reports (N processes, or loading whole, against the streamed
+1-process run) is about results, not timings or recipes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the benchmarks' own imports
+
+import scale  # noqa: E402
+
+
+def _checkpoint(folder: Path, codes: torch.Tensor, seconds: float) -> Path:
+    (folder / "layers").mkdir(parents=True)
+    save_file({"codes": codes}, str(folder / "layers" / "00000.safetensors"))
+    report = {"layers": [{"layer": 0, "seconds": seconds, "error": {"q": 0.02}}], "peak_mem_mb": seconds * 100}
+    (folder / "manifest.json").write_text(json.dumps({"report": report, "grid": "W3 g64"}))
+    return folder
+
+
+def test_same_checkpoint_ignores_timings_and_catches_a_changed_code(tmp_path):
+    codes = torch.arange(12, dtype=torch.uint8)
+    one = _checkpoint(tmp_path / "one", codes, 1.0)
+    assert scale.same_checkpoint(one, _checkpoint(tmp_path / "two", codes, 2.5))
+    other = codes.clone()
+    other[3] += 1
+    assert not scale.same_checkpoint(one, _checkpoint(tmp_path / "three", other, 1.0))
+    changed = _checkpoint(tmp_path / "four", codes, 1.0)
+    (changed / "manifest.json").write_text((changed / "manifest.json").read_text().replace("0.02", "0.03"))
+    assert not scale.same_checkpoint(one, changed)
+    extra = _checkpoint(tmp_path / "five", codes, 1.0)
+    (extra / "extra.json").write_text("{}")
+    assert not scale.same_checkpoint(one, extra)
+
+
+def _gguf(path: Path, data: np.ndarray, recipe: str) -> Path:
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("d2export.recipe", recipe)
+    w.add_tensor("blk.0.ffn_down.weight", data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_same_gguf_tensors_ignores_the_recipe_and_catches_a_changed_byte(tmp_path):
+    data = np.arange(64, dtype=np.float32).reshape(2, 32)
+    one = _gguf(tmp_path / "one.gguf", data, "stream")
+    assert scale.same_gguf_tensors(one, _gguf(tmp_path / "two.gguf", data, "whole"))
+    other = data.copy()
+    other[1, 5] += 1
+    assert not scale.same_gguf_tensors(one, _gguf(tmp_path / "three.gguf", other, "stream"))
