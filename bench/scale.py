@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import itertools
 import json
 import os
 import subprocess
@@ -184,26 +185,25 @@ def main(argv=None) -> None:
     exe = str(Path(sys.executable).with_name("d2export"))
     launch = [exe] if a.nproc == 1 else [str(Path(sys.executable).with_name("torchrun")),
                                          f"--nproc-per-node={a.nproc}", exe]
-    runs = ROOT / "out" / "scale"
-    targets = [(t, synthetic(t)) for t in a.shapes] + [(Path(m).name.removesuffix(".gguf"), real(m)) for m in a.models]
-    for stem, (label, source, layers, gib) in targets:
-        ext = ".gguf" if a.command == "gguf" else ""
-        single = runs / f"{stem}-{a.command}"  # the streamed 1-process run, the reference for equality
-        out = single.with_name(single.name + ("" if a.stream else "-whole") + (f"-np{a.nproc}" if a.nproc > 1 else ""))
+    runs, ext = ROOT / "out" / "scale", ".gguf" if a.command == "gguf" else ""
+    reals = [(Path(m).name.removesuffix(".gguf"), real(m)) for m in a.models]  # a bad name fails before any run
+    for stem, (label, source, layers, gib) in itertools.chain(((t, synthetic(t)) for t in a.shapes), reals):
+        name = f"{stem}-{a.command}"
+        reference = runs / (name + ext)  # the streamed 1-process run's output, the reference for equality
+        out = runs / (name + ("" if a.stream else "-whole") + (f"-np{a.nproc}" if a.nproc > 1 else "") + ext)
         cmd = [*launch, a.command, source, "--method", a.method, "--calib", str(wikitext_dir() / "valid.txt"),
                "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--force",
-               "--stream" if a.stream else "--no-stream", "-o", str(out) + ext]
+               "--stream" if a.stream else "--no-stream", "-o", str(out)]
         if a.command == "gguf":
             cmd += ["--type", a.type, "--no-verify"]
-        wall, rss, rc = run(cmd, out.with_name(out.name + ".log"))
+        wall, rss, rc = run(cmd, out.with_name(out.name.removesuffix(ext) + ".log"))
         row = {"shape": label, "layers": layers, "float32_gib": gib,
                "command": a.command, "type": a.type if a.command == "gguf" else "", "stream": a.stream,
                "method": a.method, "nsamples": a.nsamples, "seqlen": a.seqlen, "wall_s": round(wall, 1),
                "peak_rss_gib": round(rss / 1024, 3), "nproc": a.nproc, "rc": rc, "cmd": " ".join(cmd)}
-        reference = Path(str(single) + ext)
-        if rc == 0 and out != single and reference.exists():
+        if rc == 0 and out != reference and reference.exists():
             same = same_gguf_tensors if a.command == "gguf" else same_checkpoint
-            row["equal_to_reference"] = same(reference, Path(str(out) + ext))
+            row["equal_to_reference"] = same(reference, out)
         print(json.dumps(row), flush=True)
         if rc == 0:
             append_row(a.results, row)
