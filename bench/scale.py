@@ -117,6 +117,7 @@ def real(name: str) -> tuple[str, str, int, float]:
 def run(cmd: list[str], log: Path) -> tuple[float, float, int]:
     """(wall s, peak RSS MiB, exit code) of one command in a child process (its own rusage)."""
     t0 = time.time()
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(p.pid, 0)

@@ -656,19 +656,21 @@ class Calibrator:
             model.cpu()
         emb, head = model.model.embed_tokens, model.lm_head
         tied = "lm_head.weight" not in self.order
-        W.load(emb, "model.embed_tokens.", cpu)
         W.load(model.model.norm, "model.norm.", cpu)
-        if not tied:
-            W.load(head, "lm_head.", cpu)
-        if "model.embed_tokens" in self.cfg.grids:
-            self._solve([self._target("model.embed_tokens", emb)], None)
-        if "lm_head" in self.cfg.grids and not tied:
-            self._solve([self._target("lm_head", head)], None)
-        if final_bias is None:
-            return None
-        # through the head as written (a quantized head's, or tied embeddings' dequantized weight)
-        b = final_bias.cpu() @ (emb if tied else head).weight.detach().float().T
-        if "lm_head" in self.linears:
+        # one vocabulary table at a time: for a streamed model, a quantized table's float copy
+        # leaves as soon as nothing reads it (its codes are in self.linears)
+        b = None
+        for name, mod, prefix in [("model.embed_tokens", emb, "model.embed_tokens.")] + (
+                [] if tied else [("lm_head", head, "lm_head.")]):
+            W.load(mod, prefix, cpu)
+            if name in self.cfg.grids:
+                self._solve([self._target(name, mod)], None)
+            if final_bias is not None and (tied or name == "lm_head"):
+                # through the head as written (a quantized head's, or tied embeddings' dequantized weight)
+                b = final_bias.cpu() @ mod.weight.detach().float().T
+            if name in self.linears:
+                W.release(mod)
+        if b is not None and "lm_head" in self.linears:
             self.linears["lm_head"].bias = b
             return None
         return b

@@ -70,6 +70,22 @@ def test_partial_last_group_576():
         assert grid.dequantize_matrix(codes, params).shape == (8, 576)
 
 
+@pytest.mark.parametrize("spec", [{"kind": k} for k in ("q4_0", "q6_k", "iq4_xs", "iq2_xs", "iq3_xxs", "iq1_m")]
+                         + [UniformGrid(3, 64).spec(), {"kind": "dual", "base": {"kind": "q4_k"}}], ids=str)
+def test_whole_matrix_helpers_by_row_chunks_give_the_same_bits(spec, monkeypatch):
+    """A vocabulary table goes through quantize_matrix / dequantize_matrix row_chunk rows at a time
+    (a layer's matrices fit in one chunk): the chunking must not change a bit."""
+    g = grid_from_spec(spec)
+    w = heavy(45, 512, seed=5)
+    codes, params = g.quantize_matrix(w)
+    q = g.dequantize_matrix(codes, params)
+    monkeypatch.setattr(type(g), "row_chunk", 7)
+    c7, p7 = g.quantize_matrix(w)
+    assert torch.equal(c7, codes) and p7.keys() == params.keys()
+    assert all(torch.equal(p7[k], params[k]) for k in params)
+    assert torch.equal(g.dequantize_matrix(codes, params), q)
+
+
 def test_scales_are_fp16_exact():
     codes, params = UniformGrid(3, 64).quantize_matrix(heavy(8, 128) * 1e3)
     s = params["scale"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from converters.gguf.target import GGUFTarget
 from d2quant.checkpoint import CheckpointWriter, fingerprint
 from d2quant.errors import D2Error
 from d2quant.pipeline import QuantConfig, quantize
@@ -143,13 +144,17 @@ def _tiny_gguf(arch: str, folder):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "phi3"])
-def test_gguf_tensors_stream_as_transformers_loads_them(arch, tmp_path):
-    """Each tensor, dequantized alone from its offset, is the one transformers' whole-file load
-    gives: llama's q/k RoPE order undone, Gemma's norm offset removed, Phi-3's fused linears."""
+def test_gguf_tensors_stream_as_transformers_loads_them(arch, tmp_path, monkeypatch):
+    """Each tensor, dequantized alone from its offset (a few rows at a time, as a vocabulary table
+    is), is the one transformers' whole-file load gives: llama's q/k RoPE order undone, Gemma's norm
+    offset removed, Phi-3's fused linears."""
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from d2quant import weights as weights_module
     from d2quant.weights import GGUFWeights, skeleton
+
+    monkeypatch.setattr(weights_module, "DEQUANTIZE_ROWS", 5)
 
     path = _tiny_gguf(arch, tmp_path)
     model = skeleton(AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name))
@@ -168,7 +173,12 @@ def test_streamed_gguf_calibrates_as_the_whole_load(tmp_path, monkeypatch):
     assert all(p.is_meta for p in streamed.model.parameters())
     assert not (tmp_path / "cache").exists()  # no float copy of the file is made
     whole = load_source(str(path))
-    assert_same(quantize(whole, CALIB, QuantConfig(**CFG)), quantize(streamed, CALIB, QuantConfig(**CFG, stream=True)))
+    q4_0 = GGUFTarget("Q4_0")  # a preset that quantizes the vocabulary table too
+    whole_q = quantize(whole, CALIB, q4_0.quant_config(QuantConfig(**CFG), whole, CALIB))
+    streamed_q = quantize(streamed, CALIB, q4_0.quant_config(QuantConfig(**CFG, stream=True), streamed, CALIB))
+    assert "model.embed_tokens" in streamed_q.linears
+    assert_same(whole_q, streamed_q)
+    assert streamed.model.model.embed_tokens.weight.is_meta  # the quantized table's float copy is freed
     data = path.read_bytes()
     path.write_bytes(data[:len(data) - 4096])  # the last tensors cut short
     with pytest.raises(D2Error, match="truncated|corrupt"):

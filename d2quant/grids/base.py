@@ -36,6 +36,7 @@ class Grid(ABC):
     # a tall matrix fitted in row chunks)
     rows_independent: ClassVar[bool] = True
     fit_chunk: ClassVar[int] = 1 << 18  # weights per fit call in fit_groups
+    row_chunk: ClassVar[int] = 16384  # rows per quantize / dequantize call in the whole-matrix helpers
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -95,9 +96,9 @@ class Grid(ABC):
         """Round-to-nearest: codes [N, K] and params stacked over groups (fit with ``importance``
         [K] per column, like an imatrix, when given)."""
         per_group = self.fit_groups(w, importance)
-        codes = [self.quantize(w[:, c:c + self.group], p)
-                 for c, p in zip(range(0, w.shape[1], self.group), per_group)]
-        return torch.cat(codes, 1), stack_params(per_group)
+        codes = self._by_group(w.shape, lambda rows, gi, c: self.quantize(
+            w[rows, c:c + self.group], _row_params(per_group[gi], rows, w.shape[0])))
+        return codes, stack_params(per_group)
 
     def fit_groups(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> list[Params]:
         """fit for every group of w [N, K] from its own columns (importance [K]), the same values.
@@ -125,10 +126,29 @@ class Grid(ABC):
                 for c in range(0, w.shape[1], g)]
 
     def dequantize_matrix(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
-        out = []
-        for gi, g0 in enumerate(range(0, codes.shape[1], self.group)):
-            out.append(self.dequantize(codes[:, g0:g0 + self.group], group_params(params, gi)))
-        return torch.cat(out, 1)
+        return self._by_group(codes.shape, lambda rows, gi, c: self.dequantize(
+            codes[rows, c:c + self.group], _row_params(group_params(params, gi), rows, codes.shape[0])))
+
+    def _by_group(self, shape: torch.Size, part) -> torch.Tensor:
+        """The [N, K] matrix whose rows x columns c:c+group are part(rows, gi, c), written in place.
+
+        A concatenation would hold the matrix twice, and one group's temporaries over every row of a
+        151 936-row vocabulary table are GBs; a row-independent grid goes row_chunk rows at a time."""
+        n, k = shape
+        step = self.row_chunk if self.rows_independent else n
+        out = None
+        for r in range(0, n, step):
+            rows = slice(r, min(n, r + step))
+            for gi, c in enumerate(range(0, k, self.group)):
+                p = part(rows, gi, c)
+                if out is None:
+                    out = p.new_empty(n, k)
+                out[rows, c:c + p.shape[1]] = p
+        return out
+
+
+def _row_params(p: Params, rows: slice, n: int) -> Params:
+    return p if rows == slice(0, n) else {k: v[rows] for k, v in p.items()}
 
 
 def stack_params(per_group: list[Params]) -> Params:
