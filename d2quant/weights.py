@@ -170,11 +170,12 @@ def _dequantize_by_rows(data: np.ndarray, qtype) -> np.ndarray:
     n = DEQUANTIZE_ROWS
     if data.ndim < 2 or data.shape[0] <= n:
         return dequantize(data, qtype)
-    first = dequantize(data[:n], qtype)
-    out = np.empty((data.shape[0], *first.shape[1:]), first.dtype)
-    out[:n] = first
-    for r in range(n, data.shape[0], n):
-        out[r:r + n] = dequantize(data[r:r + n], qtype)
+    out = None
+    for r in range(0, data.shape[0], n):
+        part = dequantize(data[r:r + n], qtype)
+        if out is None:
+            out = np.empty((data.shape[0], *part.shape[1:]), part.dtype)
+        out[r:r + n] = part
     return out
 
 
