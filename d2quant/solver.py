@@ -55,13 +55,20 @@ def outer_threads():
         torch.set_num_threads(n)
 
 
+ERROR_ROWS = 4096  # without H the error goes by row blocks: an embedding table's fp64 copies would be GBs
+
+
+def _error_terms(w: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
+    w = w.double()
+    return float(((q.double() - w) ** 2).sum()), float((w * w).sum())
+
+
 def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> float:
-    if h is None:  # by row blocks: an embedding table's fp64 copies would be GBs
+    if h is None:
         num = den = 0.0
-        for i in range(0, w.shape[0], 4096):
-            wi = w[i:i + 4096].double()
-            num += float(((q[i:i + 4096].double() - wi) ** 2).sum())
-            den += float((wi * wi).sum())
+        for i in range(0, w.shape[0], ERROR_ROWS):
+            n_i, d_i = _error_terms(w[i:i + ERROR_ROWS], q[i:i + ERROR_ROWS])
+            num, den = num + n_i, den + d_i
         return num / max(den, 1e-30)
     e = (q - w).double()
     h = h.double()
@@ -70,11 +77,22 @@ def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> 
     return float(num / den.clamp(min=1e-30))
 
 
-def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None) -> Solved:
+def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None, in_place: bool = False) -> Solved:
+    """Round-to-nearest. in_place (float32 w, no H, a row-independent grid): w's values become the
+    dequantized ones block by block, so a vocabulary table is never held twice (0.9 GB on Qwen's)."""
     with outer_threads():
         codes, params = grid.quantize_matrix(w.float())
-    q = grid.dequantize_matrix(codes, params)
-    return Solved(codes, params, q, weighted_error(w, q, h))
+    if not (in_place and h is None and grid.rows_independent and w.dtype == torch.float32):
+        q = grid.dequantize_matrix(codes, params)
+        return Solved(codes, params, q, weighted_error(w, q, h))
+    num = den = 0.0
+    for i in range(0, w.shape[0], ERROR_ROWS):
+        rows = slice(i, i + ERROR_ROWS)
+        q = grid.dequantize_matrix(codes[rows], {k: v[rows] for k, v in params.items()})
+        n_i, d_i = _error_terms(w[rows], q)
+        num, den = num + n_i, den + d_i
+        w[rows] = q
+    return Solved(codes, params, w, num / max(den, 1e-30))
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,
@@ -124,15 +142,16 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     w = torch.cat([t.detach().float() for t in ws])  # a copy, even of one
     n, k = w.shape
     h = h.detach().float().clone()
-    if shrink:
-        h = (1 - shrink) * h + shrink * torch.diag(torch.diag(h))
+    if shrink:  # in place: at 8 960 inputs each k x k temporary is 0.3 GB
+        d = torch.diag(h)
+        h.mul_(1 - shrink).diagonal().add_(shrink * d)
         cross = None if cross is None else (1 - shrink) * cross + shrink * torch.diag(torch.diag(cross))
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     if cross is not None:
         w = _asymmetric_target(w, h, cross.float(), damp)
-    h_raw, w_in = h.clone(), w.clone()
+    h_raw, w_in = h, w  # h is never changed in place from here; w is, unless act order copies it
     h_orig_diag = torch.diag(h_raw)
     g = grid.group
     unit = getattr(grid, "solve_unit", 1)
@@ -146,7 +165,9 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
     else:
         perm = torch.arange(k, device=w.device)
         block = g * max(1, block // g)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(_damped(h, damp))), upper=True)
+        w = w.clone()
+    hinv = _inverse_factor(h, damp)
+    del h  # the permuted copy
     importance = h_orig_diag
     if scale_fit == "conditional":  # 1 / U_jj^2 = H_jj - H_j,later H_later^-1 H_later,j (damped)
         importance = torch.empty_like(h_orig_diag)
@@ -201,7 +222,16 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
 
 
 def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
-    return h + damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+    """H + damp mean(diag H) I, a new tensor."""
+    d = h.clone()
+    d.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    return d
+
+
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of the damped H's inverse, holding two k x k temporaries at a time."""
+    inv = torch.cholesky_inverse(_cholesky(_damped(h, damp)))
+    return torch.linalg.cholesky(inv, upper=True)
 
 
 def _cholesky(h: torch.Tensor) -> torch.Tensor:

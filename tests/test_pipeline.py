@@ -273,3 +273,31 @@ def test_input_to_stops_the_forward_at_the_module():
     assert torch.equal(got, first(x)) and calls == []
     with pytest.raises(RuntimeError, match="never reached"):
         _input_to(second, lambda: first(x))
+
+
+def test_moments_by_row_blocks_give_the_whole_matrix_formulas_bits(monkeypatch):
+    """Sums, H and the cross moment go _ROWS rows at a time (no k x k float64 temporaries): each
+    entry is the whole-matrix formula's, bit for bit, with and without a shift."""
+    import d2quant.pipeline as pipeline
+    from d2quant.pipeline import _Moments
+
+    monkeypatch.setattr(pipeline, "_ROWS", 7)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 16, 40, generator=g) for _ in range(3)]
+    fs = [x + 0.1 * torch.randn(x.shape, generator=g) for x in xs]
+    m = _Moments(40, torch.device("cpu"), partner=fs)
+    for x in xs:
+        m.add(x)
+    xs, fs = [t.reshape(-1, 40) for t in xs], [t.reshape(-1, 40) for t in fs]
+    xtx = sum((t.T @ t).double() for t in xs)  # float32 products per batch, float64 sums
+    cross = sum((a.T @ x).double() for a, x in zip(fs, xs))
+    s, fsum, n = sum(t.sum(0).double() for t in xs), sum(t.sum(0).double() for t in fs), 144
+    shift = torch.randn(40, generator=g)
+    b = shift.double()
+    assert torch.equal(m.hessian(), (2 * xtx / n).float())
+    assert torch.equal(m.hessian(shift), (2 * (xtx + torch.outer(b, s) + torch.outer(s, b)
+                                               + n * torch.outer(b, b)) / n).float())
+    assert torch.equal(m.cross(shift), (2 * (cross + torch.outer(fsum, b)) / n).float())
+    m.close()
+    with pytest.raises(AttributeError):
+        m.hessian()

@@ -165,3 +165,21 @@ def test_whole_matrix_fits_use_the_outer_threads_and_give_the_same_bits(kind):
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(one, two) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q3_k", "q6_k", "iq2_xs"])
+def test_rtn_in_place_is_the_copying_rtn_without_a_second_table(kind, monkeypatch):
+    """The vocabulary tables are rounded in place (the float copy becomes the dequantized one block
+    by block): the same codes, weights and error as rounding into a new tensor."""
+    import d2quant.solver as solver
+
+    monkeypatch.setattr(solver, "ERROR_ROWS", 7)  # blocks that do not divide the rows
+    w = torch.distributions.Laplace(0.0, 0.02).sample((40, 512))
+    grid = grid_from_spec({"kind": kind})
+    copied = rtn(w.clone(), grid)
+    mine = w.clone()
+    in_place = rtn(mine, grid, in_place=True)
+    assert in_place.weight.data_ptr() == mine.data_ptr()
+    assert torch.equal(copied.codes, in_place.codes) and torch.equal(copied.weight, in_place.weight)
+    assert copied.error == in_place.error
+    assert all(torch.equal(copied.params[k], in_place.params[k]) for k in copied.params)
