@@ -127,6 +127,12 @@ def run(cmd: list[str], log: Path) -> tuple[float, float, int]:
     return time.time() - t0, usage.ru_maxrss / 1024, p.returncode
 
 
+def commit() -> str:
+    """The code a row was measured with: HEAD, marked when tracked files differ from it."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+
+
 MEASURED = {"seconds", "peak_mem_mb", "start_mem_mb"}  # the manifest's clock and memory readings
 
 
@@ -187,6 +193,7 @@ def main(argv=None) -> None:
     launch = [exe] if a.nproc == 1 else [str(Path(sys.executable).with_name("torchrun")),
                                          f"--nproc-per-node={a.nproc}", exe]
     runs, ext = ROOT / "out" / "scale", ".gguf" if a.command == "gguf" else ""
+    code = commit()  # now: the tree may change while the runs go
     reals = [(Path(m).name.removesuffix(".gguf"), real(m)) for m in a.models]  # a bad name fails before any run
     for stem, (label, source, layers, gib) in itertools.chain(((t, synthetic(t)) for t in a.shapes), reals):
         name = f"{stem}-{a.command}"
@@ -201,7 +208,8 @@ def main(argv=None) -> None:
         row = {"shape": label, "layers": layers, "float32_gib": gib,
                "command": a.command, "type": a.type if a.command == "gguf" else "", "stream": a.stream,
                "method": a.method, "nsamples": a.nsamples, "seqlen": a.seqlen, "wall_s": round(wall, 1),
-               "peak_rss_gib": round(rss / 1024, 3), "nproc": a.nproc, "rc": rc, "cmd": " ".join(cmd)}
+               "peak_rss_gib": round(rss / 1024, 3), "nproc": a.nproc, "rc": rc, "commit": code,
+               "cmd": " ".join(cmd)}
         if rc == 0 and out != reference and reference.exists():
             same = same_gguf_tensors if a.command == "gguf" else same_checkpoint
             row["equal_to_reference"] = same(reference, out)

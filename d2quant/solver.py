@@ -55,7 +55,9 @@ def outer_threads():
         torch.set_num_threads(n)
 
 
-ERROR_ROWS = 4096  # without H the error goes by row blocks: an embedding table's fp64 copies would be GBs
+# the error goes by blocks of rows (and of H's columns): whole, the float64 copies of an embedding
+# table, or of H and the weights of a wide linear, were GBs
+ERROR_ROWS, ERROR_COLS = 4096, 1024
 
 
 def _error_terms(w: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
@@ -70,11 +72,15 @@ def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> 
             n_i, d_i = _error_terms(w[i:i + ERROR_ROWS], q[i:i + ERROR_ROWS])
             num, den = num + n_i, den + d_i
         return num / max(den, 1e-30)
-    e = (q - w).double()
-    h = h.double()
-    num = torch.einsum("nk,kl,nl->", e, h, e)
-    den = torch.einsum("nk,kl,nl->", w.double(), h, w.double())
-    return float(num / den.clamp(min=1e-30))
+    num = den = 0.0
+    for i in range(0, w.shape[0], ERROR_ROWS):
+        wi = w[i:i + ERROR_ROWS].double()
+        ei = (q[i:i + ERROR_ROWS] - w[i:i + ERROR_ROWS]).double()
+        for c in range(0, h.shape[1], ERROR_COLS):
+            hc, cols = h[:, c:c + ERROR_COLS].double(), slice(c, c + ERROR_COLS)
+            num += float(((ei @ hc) * ei[:, cols]).sum())
+            den += float(((wi @ hc) * wi[:, cols]).sum())
+    return num / max(den, 1e-30)
 
 
 def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None, in_place: bool = False) -> Solved:

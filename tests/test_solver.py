@@ -183,3 +183,17 @@ def test_rtn_in_place_is_the_copying_rtn_without_a_second_table(kind, monkeypatc
     assert torch.equal(copied.codes, in_place.codes) and torch.equal(copied.weight, in_place.weight)
     assert copied.error == in_place.error
     assert all(torch.equal(copied.params[k], in_place.params[k]) for k in copied.params)
+
+
+def test_hessian_weighted_error_by_blocks_is_the_quadratic_form(monkeypatch):
+    """weighted_error goes by blocks of rows and of H's columns (no float64 copy of H or of the
+    weights): the same e H e^T / w H w^T as the whole einsum, to float64 rounding."""
+    import d2quant.solver as solver
+
+    monkeypatch.setattr(solver, "ERROR_ROWS", 13)
+    monkeypatch.setattr(solver, "ERROR_COLS", 50)
+    w, h = problem(n=40, k=256)
+    q = w + 0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    e, hd = (q - w).double(), h.double()
+    whole = float(torch.einsum("nk,kl,nl->", e, hd, e) / torch.einsum("nk,kl,nl->", w.double(), hd, w.double()))
+    assert solver.weighted_error(w, q, h) == pytest.approx(whole, rel=1e-12)
