@@ -181,13 +181,13 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.table:
         print("| model | layers | float32 GiB | command | stream | processes | calibration | wall s | "
-              "peak RSS GiB | RSS / float32 | same result as streamed 1 process |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "peak RSS GiB | RSS / float32 | same result as streamed 1 process | commit |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in read_rows(a.results):
             same = {True: "yes", False: "**no**", None: "-"}[r.get("equal_to_reference")]
             print(f"| {r['shape']} | {r['layers']} | {r['float32_gib']:.2f} | {r['command']} {r.get('type', '')} | "
                   f"{r['stream']} | {r.get('nproc', 1)} | {r['nsamples']}×{r['seqlen']} | {r['wall_s']:.0f} | "
-                  f"{r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / r['float32_gib']:.0%} | {same} |")
+                  f"{r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / r['float32_gib']:.0%} | {same} | {r.get('commit', '-')} |")
         return
     exe = str(Path(sys.executable).with_name("d2export"))
     launch = [exe] if a.nproc == 1 else [str(Path(sys.executable).with_name("torchrun")),

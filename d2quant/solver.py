@@ -173,7 +173,7 @@ def gptq_rows(ws: list[torch.Tensor], h: torch.Tensor, grid: Grid, damp: float =
         block = g * max(1, block // g)
         w = w.clone()
     hinv = _inverse_factor(h, damp)
-    del h  # the permuted copy
+    del h  # under act order, the permuted copy
     importance = h_orig_diag
     if scale_fit == "conditional":  # 1 / U_jj^2 = H_jj - H_j,later H_later^-1 H_later,j (damped)
         importance = torch.empty_like(h_orig_diag)
