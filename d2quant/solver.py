@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from d2quant.errors import D2Error
-from d2quant.grids import Grid, Params, stack_params
+from d2quant.grids import Grid, Params, row_params, stack_params
 
 
 @dataclass
@@ -60,27 +60,35 @@ def outer_threads():
 ERROR_ROWS, ERROR_COLS = 4096, 1024
 
 
+def _row_blocks(n: int):
+    return (slice(i, min(n, i + ERROR_ROWS)) for i in range(0, n, ERROR_ROWS))
+
+
 def _error_terms(w: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
     w = w.double()
     return float(((q.double() - w) ** 2).sum()), float((w * w).sum())
 
 
-def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> float:
-    if h is None:
-        num = den = 0.0
-        for i in range(0, w.shape[0], ERROR_ROWS):
-            n_i, d_i = _error_terms(w[i:i + ERROR_ROWS], q[i:i + ERROR_ROWS])
-            num, den = num + n_i, den + d_i
-        return num / max(den, 1e-30)
-    num = den = 0.0
-    for i in range(0, w.shape[0], ERROR_ROWS):
-        wi = w[i:i + ERROR_ROWS].double()
-        ei = (q[i:i + ERROR_ROWS] - w[i:i + ERROR_ROWS]).double()
+def _hessian_terms(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor):
+    """(e H e^T, w H w^T) of each block of rows and of H's columns."""
+    for rows in _row_blocks(w.shape[0]):
+        wi, ei = w[rows].double(), (q[rows] - w[rows]).double()
         for c in range(0, h.shape[1], ERROR_COLS):
             hc, cols = h[:, c:c + ERROR_COLS].double(), slice(c, c + ERROR_COLS)
-            num += float(((ei @ hc) * ei[:, cols]).sum())
-            den += float(((wi @ hc) * wi[:, cols]).sum())
+            yield float(((ei @ hc) * ei[:, cols]).sum()), float(((wi @ hc) * wi[:, cols]).sum())
+
+
+def _relative(terms) -> float:
+    num = den = 0.0
+    for n_i, d_i in terms:
+        num, den = num + n_i, den + d_i
     return num / max(den, 1e-30)
+
+
+def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> float:
+    if h is None:
+        return _relative(_error_terms(w[rows], q[rows]) for rows in _row_blocks(w.shape[0]))
+    return _relative(_hessian_terms(w, q, h))
 
 
 def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None, in_place: bool = False) -> Solved:
@@ -91,14 +99,14 @@ def rtn(w: torch.Tensor, grid: Grid, h: torch.Tensor | None = None, in_place: bo
     if not (in_place and h is None and grid.rows_independent and w.dtype == torch.float32):
         q = grid.dequantize_matrix(codes, params)
         return Solved(codes, params, q, weighted_error(w, q, h))
-    num = den = 0.0
-    for i in range(0, w.shape[0], ERROR_ROWS):
-        rows = slice(i, i + ERROR_ROWS)
-        q = grid.dequantize_matrix(codes[rows], {k: v[rows] for k, v in params.items()})
-        n_i, d_i = _error_terms(w[rows], q)
-        num, den = num + n_i, den + d_i
-        w[rows] = q
-    return Solved(codes, params, w, num / max(den, 1e-30))
+
+    def rounded_back():
+        for rows in _row_blocks(w.shape[0]):
+            q = grid.dequantize_matrix(codes[rows], row_params(params, rows, w.shape[0]))
+            terms = _error_terms(w[rows], q)
+            w[rows] = q
+            yield terms
+    return Solved(codes, params, w, _relative(rounded_back()))
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, damp: float = 0.01,

@@ -197,3 +197,26 @@ def test_hessian_weighted_error_by_blocks_is_the_quadratic_form(monkeypatch):
     e, hd = (q - w).double(), h.double()
     whole = float(torch.einsum("nk,kl,nl->", e, hd, e) / torch.einsum("nk,kl,nl->", w.double(), hd, w.double()))
     assert solver.weighted_error(w, q, h) == pytest.approx(whole, rel=1e-12)
+
+
+@pytest.mark.parametrize("grid", [UniformGrid(3, 64), "IQ2_XS"], ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("shrink", [0.0, 0.5])
+def test_the_in_place_solve_keeps_its_inputs_and_measures_on_the_shrunk_hessian(grid, act_order, shrink):
+    """gptq_rows shrinks and damps its H and updates its weights in place, and reports the error on
+    that H without a clone: the caller's tensors keep their bits, and the error is the quadratic
+    form on the shrunk H (a dead column's diagonal set to 1) of the given weights, dead columns zeroed."""
+    from d2quant.grids.ggml import ggml_grid
+    from d2quant.solver import weighted_error
+
+    grid = ggml_grid(grid) if isinstance(grid, str) else grid
+    w, h = problem(n=64, k=256)
+    h[7, :] = h[:, 7] = 0
+    w0, h0 = w.clone(), h.clone()
+    s = gptq(w, h, grid, act_order=act_order, shrink=shrink)
+    assert torch.equal(w, w0) and torch.equal(h, h0)
+    shrunk = (1 - shrink) * h0 + shrink * torch.diag(torch.diag(h0)) if shrink else h0.clone()
+    shrunk[7, 7] = 1
+    w0[:, 7] = 0
+    assert s.error == weighted_error(w0, s.weight, shrunk)
+    assert torch.equal(grid.dequantize_matrix(s.codes, s.params), s.weight)

@@ -97,7 +97,7 @@ class Grid(ABC):
         [K] per column, like an imatrix, when given)."""
         per_group = self.fit_groups(w, importance)
         codes = self._by_group(w.shape, lambda rows, gi, c: self.quantize(
-            w[rows, c:c + self.group], _row_params(per_group[gi], rows, w.shape[0])))
+            w[rows, c:c + self.group], row_params(per_group[gi], rows, w.shape[0])))
         return codes, stack_params(per_group)
 
     def fit_groups(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> list[Params]:
@@ -127,7 +127,7 @@ class Grid(ABC):
 
     def dequantize_matrix(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         return self._by_group(codes.shape, lambda rows, gi, c: self.dequantize(
-            codes[rows, c:c + self.group], _row_params(group_params(params, gi), rows, codes.shape[0])))
+            codes[rows, c:c + self.group], row_params(group_params(params, gi), rows, codes.shape[0])))
 
     def _by_group(self, shape: torch.Size, part) -> torch.Tensor:
         """The [N, K] matrix whose rows x columns c:c+group are part(rows, gi, c), written in place.
@@ -147,7 +147,8 @@ class Grid(ABC):
         return out
 
 
-def _row_params(p: Params, rows: slice, n: int) -> Params:
+def row_params(p: Params, rows: slice, n: int) -> Params:
+    """The params of a row-independent grid for rows of an n-row matrix (views, no copy)."""
     return p if rows == slice(0, n) else {k: v[rows] for k, v in p.items()}
 
 
