@@ -6,7 +6,7 @@
 Self-generation of SmolLM2's 32 x 512 calibration tokens as the job does it (and with
 transformers' growing KV cache); one decode step's
 lm_head matmul (32 rows) in float32 and bfloat16; attention for one query row over 500 cached
-keys (GQA 9:3) with torch's SDPA in both dtypes and with the eager path's matmuls in bfloat16;
+keys (GQA 9:3) with torch's SDPA and with the grouped eager attention, in both dtypes;
 and the grids' fit of a whole matrix (fit_groups) in cache-sized row chunks against one call.
 ``codebook``: the IQ types' fit of a 768 x 2048 matrix (heavy-tailed rows, an importance vector)
 with the rounding shortcut of ``_CodebookGrid._nearest_points`` and with every unit searched
@@ -45,7 +45,7 @@ def generation() -> None:
         with patch:
             t = time.time()
             calibration_tokens(CalibConfig("self", 32, 512, 0), src.model, src.tokenizer, torch.device("cpu"))
-        print(f"self-generation 32 x 512 (bf16, KV cache {what}, generator {generator_id(torch.device('cpu'))}): "
+        print(f"self-generation 32 x 512 (KV cache {what}, generator {generator_id(torch.device('cpu'))}): "
               f"{time.time() - t:.1f} s")
     x, w = torch.randn(32, 576), src.model.lm_head.weight.detach().float()
     for dt in (torch.float32, torch.bfloat16):
@@ -54,14 +54,17 @@ def generation() -> None:
 
 
 def attention() -> None:
+    """The two kernels self-generation may sample with (data.sampling_attention), in both dtypes
+    (data.sampling_dtype): torch's SDPA and the grouped eager attention."""
+    module = torch.nn.Module().eval()
+    module.head_dim = 64
     for dt in (torch.float32, torch.bfloat16):
         q = torch.randn(32, 9, 1, 64, dtype=dt)
         k, v = torch.randn(32, 3, 500, 64, dtype=dt), torch.randn(32, 3, 500, 64, dtype=dt)
         sdpa = _per_call(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)) * 1e3
-        print(f"attention, 1 query x 500 keys, 32 x 9 heads, SDPA {str(dt)[6:]}: {sdpa:.2f} ms")
-    kf, vf = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
-    eager = _per_call(lambda: torch.softmax((q @ kf.transpose(-1, -2)).float() / 8, -1).to(dt) @ vf) * 1e3
-    print(f"attention, same, eager matmuls bfloat16: {eager:.2f} ms")
+        grouped = _per_call(lambda: data._grouped_eager(module, q, k, v, None)) * 1e3
+        print(f"attention, 1 query x 500 keys, 32 x 9 heads, {str(dt)[6:]}: SDPA {sdpa:.2f} ms, "
+              f"grouped eager {grouped:.2f} ms")
 
 
 def fits() -> None:

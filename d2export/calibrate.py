@@ -81,7 +81,8 @@ CALIBRATION_OPTIONS = {
     # the library's default is float32 (the same bits on every machine); the command picks the
     # machine's fast kernel and records it in the file's recipe
     "forward_dtype": (typer.Option(help="auto | float32 | bfloat16: the calibration forwards' matmuls (Hessians "
-                                        "and GPTQ stay float32); auto: bfloat16 on CUDA and AMX CPUs"),
+                                        "and GPTQ stay float32); auto: bfloat16 on CUDA and on CPUs with AMX or "
+                                        "AVX-512 BF16"),
                       "auto", "quant"),
 }
 
@@ -243,9 +244,11 @@ def print_summary(qm: QuantizedModel) -> None:
         t.add_column(n.replace("_proj", ""), justify="right")
     t.add_column("DAC shift", justify="right")
     t.add_column("s", justify="right")
+    t.add_column("peak MiB", justify="right")  # the calibration's, up to this layer's end
     for s in rep.get("layers", []):
         t.add_row(str(s["layer"]), *[f"{s['error'][n]:.4f}" for n in names],
-                  f"{s['dac_shift']:.3f}" if "dac_shift" in s else "-", f"{s['seconds']:.1f}")
+                  f"{s['dac_shift']:.3f}" if "dac_shift" in s else "-", f"{s['seconds']:.1f}",
+                  f"{s['peak_mem_mb']:.0f}" if "peak_mem_mb" in s else "-")
     console.print(t)
     extra = f", final-norm DAC shift {rep['final_dac_shift']:.4f}" if "final_dac_shift" in rep else ""
     teacher = sum(s.get("teacher_seconds", 0) for s in rep.get("layers", []))

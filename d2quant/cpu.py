@@ -1,6 +1,7 @@
 """What the CPU this runs on advertises (Linux /proc/cpuinfo; empty elsewhere): the llama.cpp build
-and the self-generation's attention kernel depend on AMX, the calibration forwards' dtype on
-native bfloat16 matmuls. And this process's peak resident memory, which a calibration reports."""
+and the self-generation's attention kernel depend on AMX, the dtype of the calibration forwards and
+of self-generation on native bfloat16 matmuls. And this process's peak resident memory, which a
+calibration reports."""
 
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ def has_bf16_matmul(flags: frozenset[str] | None = None) -> bool:
     VM here: 293 ms against 626 ms in float32; AMX is 5x (BENCHMARKS.md)."""
     flags = cpu_flags() if flags is None else flags
     return has_amx(flags) or "avx512_bf16" in flags
+
+
+def native_matmul_dtype(device) -> str:
+    """bfloat16 where its matmuls are native (CUDA; a CPU with AMX tiles or AVX-512 BF16, 2-5x
+    float32 there), float32 elsewhere: on an AVX2-only CPU torch emulates bfloat16, and SmolLM2's
+    lm_head step of 32 rows took 99.5 ms against 32.1 ms in float32 (BENCHMARKS.md). A rule by the
+    hardware, not a race timed at run time: the kernels round differently, so the file would
+    otherwise depend on the machine's load. ``device`` is a torch.device."""
+    return "bfloat16" if device.type == "cuda" or (device.type == "cpu" and has_bf16_matmul()) else "float32"
 
 
 def reset_peak_rss() -> bool:

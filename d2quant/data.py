@@ -13,7 +13,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from d2quant.cpu import has_amx
+from d2quant.cpu import has_amx, native_matmul_dtype
 from d2quant.errors import D2Error
 
 
@@ -109,24 +109,37 @@ def _hf_dataset_text(spec: str) -> str:
 
 
 # What the model's own calibration text is made by; a cache of generated text names it with the
-# attention kernel (generator_id). 2: bfloat16, a KV-cached decode loop, inverse-CDF draws; 1 was
+# dtype and attention kernel (generator_id). 2: a KV-cached decode loop, inverse-CDF draws; 1 was
 # float32 with transformers' generate.
 GENERATOR_VERSION = 2
 
 
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """What the model samples its own text in: bfloat16 where its matmuls are native, float32 where
+    torch would emulate them (cpu.native_matmul_dtype). On an AVX2-only CPU SmolLM2's 32 x 512
+    tokens took 418 s in bfloat16 and take 114 s in float32 (BENCHMARKS.md)."""
+    return torch.bfloat16 if native_matmul_dtype(device) == "bfloat16" else torch.float32
+
+
 def sampling_attention(device: torch.device) -> str:
     """The attention kernel the model samples its own text with, by where it runs. Measured per
-    decode step of 32 rows x 9 heads, one query over 500 keys, in bfloat16 (bench/cpu_speed.py):
-    on a CPU with AMX tiles torch's SDPA takes 1.41 ms and the eager matmuls 6.29 ms; on AVX-512
-    BF16 without AMX SDPA is 4x slower than eager; on CUDA, SDPA (transformers' default there; not
-    measured here). A rule by the hardware, not a race timed at run time: the kernels round differently, so the text, and with
-    it the file, would otherwise depend on the machine's load."""
-    return "sdpa" if device.type == "cuda" or has_amx() else "eager"
+    decode step of 32 rows x 9 heads, one query over 500 keys (bench/cpu_speed.py attention): in
+    bfloat16 on a CPU with AMX tiles torch's SDPA takes 1.41 ms and the eager matmuls 6.29 ms; on
+    AVX-512 BF16 without AMX SDPA is 4x slower than eager, so the grouped eager runs there; in
+    float32 on an AVX2-only CPU both take 1.5 ms, and SmolLM2's 32 x 512 tokens 114 s with SDPA
+    against 119 s with the grouped eager; on CUDA, SDPA
+    (transformers' default there; not measured here). A rule by the hardware, not a race timed at
+    run time: the kernels round differently, so the text, and with it the file, would otherwise
+    depend on the machine's load."""
+    bf16_without_amx = device.type == "cpu" and sampling_dtype(device) == torch.bfloat16 and not has_amx()
+    return "eager" if bf16_without_amx else "sdpa"
 
 
 def generator_id(device: torch.device) -> str:
-    """What wrote self-generated text on ``device``: the generator's version and its kernel."""
-    return f"{GENERATOR_VERSION}-{sampling_attention(device)}"
+    """What wrote self-generated text on ``device``: the generator's version, its attention kernel,
+    and its dtype where that is not bfloat16 (the ids of bfloat16 text predate the choice)."""
+    dtype = "" if sampling_dtype(device) == torch.bfloat16 else "-float32"
+    return f"{GENERATOR_VERSION}-{sampling_attention(device)}{dtype}"
 
 
 def _grouped_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
@@ -160,18 +173,18 @@ AttentionMaskInterface.register(GROUPED_EAGER, eager_mask)  # eager's additive m
 
 @contextmanager
 def sampling_precision(model, device: torch.device):
-    """The model in bfloat16 with ``sampling_attention``'s kernel while it writes its own calibration
-    text (its float32 parameters and attention kernel restored exactly after; calibration runs in
-    float32).
+    """The model in ``sampling_dtype`` with ``sampling_attention``'s kernel while it writes its own
+    calibration text (its float32 parameters and attention kernel restored exactly after).
 
-    On SmolLM2, 32 x 512 tokens on 2 AMD cores: 186 s in float32 with SDPA, 109 s like this. CPU
-    matmuls with AVX-512 BF16 run 2-3.5x faster (its lm_head: 11.6 vs 41 ms per step of 32 rows).
-    The text is still the model's own, sampled from slightly rounded logits."""
+    On SmolLM2, 32 x 512 tokens on 2 AMD cores with AVX-512 BF16: 186 s in float32 with SDPA, 109 s
+    in bfloat16 (its lm_head: 11.6 vs 41 ms per step of 32 rows). The text is still the model's
+    own, sampled from slightly rounded logits."""
     kept = [(p, p.data) for p in model.parameters()]
     attention = model.config._attn_implementation
+    dtype = sampling_dtype(device)
     try:
         for p, data in kept:
-            p.data = data.to(torch.bfloat16)
+            p.data = data.to(dtype)
         kernel = sampling_attention(device)
         model.set_attn_implementation(GROUPED_EAGER if kernel == "eager" else kernel)
         yield model

@@ -30,7 +30,7 @@ import torch
 from d2quant import rotation
 from d2quant.activations import OFFLOADS, Activations, plan_offload
 from d2quant.checkpoint import CheckpointWriter
-from d2quant.cpu import has_bf16_matmul, peak_rss_mb, reset_peak_rss, rss_mb
+from d2quant.cpu import native_matmul_dtype, peak_rss_mb, reset_peak_rss, rss_mb
 from d2quant.distributed import SINGLE, Group
 from d2quant.errors import D2Error
 from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
@@ -43,14 +43,6 @@ METHODS = ("rtn", "gptq", "d2quant")
 OBJECTIVES = ("sequential", "float", "asymmetric")
 SCALE_FITS = ("diag", "conditional")
 FORWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # and "auto": by the device
-
-
-def native_forward_dtype(device: torch.device) -> str:
-    """What "auto" forwards run in: bfloat16 where its matmuls are native (CUDA; a CPU with AMX tiles
-    or AVX-512 BF16, 2-5x float32 there), float32 elsewhere. Its quality matched float32's under
-    the domain protocol (BENCHMARKS.md). A rule by the hardware, as the sampling kernel is
-    (d2quant.data), not a race timed at run time: the file would depend on the machine's load."""
-    return "bfloat16" if device.type == "cuda" or (device.type == "cpu" and has_bf16_matmul()) else "float32"
 
 
 @dataclass
@@ -114,8 +106,10 @@ class QuantConfig:
             raise D2Error(f"--scale-fit must be one of {', '.join(SCALE_FITS)}, got {self.scale_fit!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise D2Error(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.forward_dtype == "auto":  # resolved once: the recipe records what ran
-            self.forward_dtype = native_forward_dtype(self.torch_device())
+        # "auto" is resolved once (the recipe records what ran); bfloat16's quality matched float32's
+        # under the domain protocol (BENCHMARKS.md)
+        if self.forward_dtype == "auto":
+            self.forward_dtype = native_matmul_dtype(self.torch_device())
         if self.forward_dtype not in FORWARD_DTYPES:
             raise D2Error(f"--forward-dtype must be auto or one of {', '.join(FORWARD_DTYPES)}, "
                           f"got {self.forward_dtype!r}")
@@ -557,6 +551,9 @@ class Calibrator:
     def _finish_layer(self, i: int, layer, stats: dict, stream: dict | None) -> None:
         """Keep the layer's float tensors, hand it to the checkpoint (then forget its codes), free it."""
         p = f"model.layers.{i}."
+        # the calibration's peak so far: where it rises says which layer (or, after the last, the
+        # head) set it
+        stats["peak_mem_mb"] = round(_peak_mem_mb(self.dev), 1)
         floats = {p + n: t.detach().float().cpu().clone() for n, t in layer.named_parameters()
                   if (p + n).rpartition(".")[0] not in self.linears}
         if self.sink is not None:

@@ -59,16 +59,27 @@ def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
     assert torch.allclose(freq, torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]), atol=0.015)
 
 
-@pytest.mark.parametrize("amx, kernel", [(True, "sdpa"), (False, "eager")])
-def test_sampling_kernel_follows_the_cpu_and_is_named_by_the_generator(tiny_hf_dir, monkeypatch, amx, kernel):
+@pytest.mark.parametrize("amx, bf16, kernel, dtype", [(True, True, "sdpa", torch.bfloat16),
+                                                      (False, True, "eager", torch.bfloat16),
+                                                      (False, False, "sdpa", torch.float32)])
+def test_sampling_kernel_and_dtype_follow_the_cpu_and_are_named_by_the_generator(tiny_hf_dir, monkeypatch,
+                                                                                amx, bf16, kernel, dtype):
+    from d2quant import cpu as cpuinfo
+
     monkeypatch.setattr(data, "has_amx", lambda: amx)
+    monkeypatch.setattr(cpuinfo, "has_bf16_matmul", lambda: bf16)
     cpu = torch.device("cpu")
-    assert generator_id(cpu) == f"{data.GENERATOR_VERSION}-{kernel}"
+    assert generator_id(cpu) == f"{data.GENERATOR_VERSION}-{kernel}" + ("" if bf16 else "-float32")
     assert data.sampling_attention(torch.device("cuda")) == "sdpa"
+    assert data.sampling_dtype(torch.device("cuda")) == torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    kept = [p.data_ptr() for p in model.parameters()]
     tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
     with sampling_precision(model, cpu):
         assert model.config._attn_implementation == {"eager": data.GROUPED_EAGER}.get(kernel, kernel)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+    assert [p.data_ptr() for p in model.parameters()] == kept  # the float32 weights themselves
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     ids = calibration_tokens(CalibConfig("self", nsamples=3, seqlen=24, seed=1), model, tok, cpu)
     assert ids.shape == (3, 24) and not (ids[:, 2:] == tok.eos_token_id).any()
 

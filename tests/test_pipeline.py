@@ -109,6 +109,9 @@ def test_calibration_reports_its_own_peak_memory_not_the_processs(tiny_source):
     qm = quantize(tiny_source("llama"), CALIB, QuantConfig(method="gptq", bits=3, group_size=32))
     assert qm.report["peak_mem_of"] == "rss" and 0 < qm.report["start_mem_mb"] <= qm.report["peak_mem_mb"]
     assert 0 < qm.report["peak_mem_mb"] < process_peak - 256, (qm.report["peak_mem_mb"], process_peak)
+    # each layer records the peak so far: it never falls, and the head's work comes after the last
+    layer_peaks = [s["peak_mem_mb"] for s in qm.report["layers"]]
+    assert layer_peaks == sorted(layer_peaks) and layer_peaks[-1] <= qm.report["peak_mem_mb"], layer_peaks
 
 
 def test_d2quant_without_dac_is_gptq_where_down_proj_has_4_bits(tiny_source):
@@ -162,9 +165,9 @@ def test_bfloat16_forwards_calibrate_as_well_as_float32(arch, tiny_source):
 
 @pytest.mark.parametrize("bf16,want", [(True, "bfloat16"), (False, "float32")])
 def test_auto_forwards_follow_the_cpu_and_the_recipe_records_them(bf16, want, monkeypatch):
-    from d2quant import pipeline
+    from d2quant import cpu
 
-    monkeypatch.setattr(pipeline, "has_bf16_matmul", lambda: bf16)
+    monkeypatch.setattr(cpu, "has_bf16_matmul", lambda: bf16)
     cfg = QuantConfig(device="cpu", forward_dtype="auto")
     assert cfg.forward_dtype == want
     assert cfg.recipe().get("forward_dtype", "float32") == want
