@@ -132,7 +132,7 @@ def run_targets(a, s: gb.Settings) -> None:
         labels = {target_size(base, unit, v): f"target-{v}-size" if unit == "preset" else f"target-{v:g}{unit}"
                   for unit, v in sizes}
         todo = [(size, m) for size in labels for m in a.methods
-                if (model, labels[size], m, s.calib, s.nsamples, s.seqlen, s.windows, s.ctx, kinds) not in done]
+                if (*gb.key_for(model, labels[size], m, s), kinds) not in done]
         if not todo:
             continue
         cost, cost_seconds = costs(base, model, s, kinds)

@@ -222,8 +222,8 @@ def run_row(base: Source, model: str, preset: str, method: str, s: Settings,
            "bpw": round(file_bits_per_weight(path, real), 4),
            "bpw_file_elements": round(file_bits_per_weight(path), 4), "types": _types(path),
            "quant_seconds": round(quant_seconds, 1), "warnings": dropped}
-    if s.calib in protocol.GENERATED_CALIBRATIONS:  # the model's own text: which generator wrote it
-        row["generator"] = generator_id(torch.device("cpu"))
+    if generator := _generator(s.calib):
+        row["generator"] = generator
     if "shrink" in qm.recipe:  # the effective calibration settings (defaults included)
         row["config"] = {k: v for k, v in qm.recipe.items() if k not in ("grids", "calibration")}
     if "seconds" in qm.report:
@@ -277,8 +277,20 @@ def speed_only(paths: list[Path], s: Settings) -> None:
 
 # ---- results ----------------------------------------------------------------------------------
 
+def _generator(calib: str) -> str | None:
+    """Which generator writes a generated calibration's text here: rows calibrated on another
+    generator's text (another dtype or kernel, another machine) are other rows, never skipped as
+    done nor paired with this text's llama.cpp + imatrix row."""
+    return generator_id(torch.device("cpu")) if calib in protocol.GENERATED_CALIBRATIONS else None
+
+
 def _key(row: dict) -> tuple:
-    return tuple(row[k] for k in KEY)
+    return (*(row[k] for k in KEY), row.get("generator"))
+
+
+def key_for(model: str, preset: str, method: str, s: Settings) -> tuple:
+    """The key of the row that run_row would make here."""
+    return (model, preset, method, s.calib, s.nsamples, s.seqlen, s.windows, s.ctx, _generator(s.calib))
 
 
 def table(rows: list[dict]) -> str:
@@ -288,7 +300,8 @@ def table(rows: list[dict]) -> str:
     order = lambda m: (METHODS.index(method_config(m)[0]) if m != "float" else 9, m)  # noqa: E731
     rows = sorted(rows, key=lambda r: (r["model"], r["calib"], r["nsamples"], r["windows"],
                                        presets.get(r["preset"], 99), order(r["method"])))
-    group = lambda r: (r["model"], r["preset"], r["calib"], r["nsamples"], r["seqlen"], r["windows"], r["ctx"])  # noqa: E731
+    group = lambda r: (r["model"], r["preset"], r["calib"], r["nsamples"], r["seqlen"], r["windows"], r["ctx"],  # noqa: E731
+                       r.get("generator"))
     imat = {group(r): r["scores"] for r in rows if r["method"] == "llamacpp-imatrix"}
     sets = list(protocol.EVAL_SETS)
     out = [f"| model | type | calib | method | MiB | bpw | {' | '.join(f'{n} ppl (×imx)' for n in sets)} | "
@@ -306,7 +319,8 @@ def table(rows: list[dict]) -> str:
             cells.append(f"{sc['ppl']:.2f}{ratio}")
         kl = [f"{r['scores'][n]['mean_kl']:.4f} / {r['scores'][n]['p99_kl']:.3f} / {100 * r['scores'][n]['top1']:.1f}%"
               if n in r["scores"] else "-" for n in sets]
-        calib = "-" if r["method"] in ("llamacpp", "float") else f"{r['calib']} {r['nsamples']}×{r['seqlen']}"
+        calib = "-" if r["method"] in ("llamacpp", "float") else f"{r['calib']} {r['nsamples']}×{r['seqlen']}" + (
+            f" (gen {r['generator']})" if "generator" in r else "")
         out.append(f"| {r['model']} | {r['preset']} | {calib} | {r['method']} | {r['file_bytes'] / 2**20:.1f} | "
                    f"{r['bpw']:.3f} | {' | '.join(cells)} | {' | '.join(kl)} |")
     if rows:
@@ -422,8 +436,7 @@ def main(argv: list[str] | None = None) -> None:
                     torch.manual_seed(0)
                     write(make_model(base, model, preset, method, s), path, None if method == "float" else preset)
             continue
-        todo = [(p, m) for p, m in jobs
-                if (model, p, m, s.calib, s.nsamples, s.seqlen, s.windows, s.ctx) not in done]
+        todo = [(p, m) for p, m in jobs if key_for(model, p, m, s) not in done]
         if not todo:
             continue
         base = load_source(model)

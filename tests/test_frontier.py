@@ -42,6 +42,27 @@ def test_preset_curves_merge_labels_that_name_the_defaults():
     assert gb.default_method("d2quant+scale_fit=conditional") is None
 
 
+def test_rows_of_another_generators_text_are_other_rows(monkeypatch, tmp_path):
+    """Self-calibrated rows are keyed by the text's generator: text sampled in another dtype or with
+    another kernel is neither skipped as done nor paired with this text's imatrix row."""
+    monkeypatch.setattr(gb, "generator_id", lambda device: "2-sdpa-float32")
+    s = gb.Settings("self", 32, 512, 40, 512, 2, 128, 5, "cpu", True, False, tmp_path)
+    wiki = gb.Settings("wiki", 32, 512, 40, 512, 2, 128, 5, "cpu", True, False, tmp_path)
+
+    def row(method, generator, ppl, calib="self"):
+        r = {"model": "m", "preset": "Q3_K_M", "method": method, "calib": calib, "nsamples": 32, "seqlen": 512,
+             "windows": 40, "ctx": 512, "file_bytes": 2**20, "bpw": 3.9,
+             "scores": {"wiki-test": {"ppl": ppl, "mean_kl": 0.1, "p99_kl": 1.0, "top1": 0.9}}}
+        return {**r, "generator": generator} if generator else r
+
+    old = [row("llamacpp-imatrix", "2-eager", 40.0), row("d2quant", "2-eager", 30.0)]
+    assert gb.key_for("m", "Q3_K_M", "d2quant", s) not in {gb._key(r) for r in old}
+    assert gb.key_for("m", "Q3_K_M", "d2quant", s) == gb._key(row("d2quant", "2-sdpa-float32", 1.0))
+    assert gb.key_for("m", "Q3_K_M", "d2quant", wiki) == gb._key(row("d2quant", None, 1.0, calib="wiki"))
+    table = gb.table(old + [row("llamacpp-imatrix", "2-sdpa-float32", 50.0), row("d2quant", "2-sdpa-float32", 45.0)])
+    assert "30.00 (×0.750)" in table and "45.00 (×0.900)" in table and "(gen 2-sdpa-float32)" in table
+
+
 def test_frontier_recipe_is_what_target_size_chooses(tiny_hf_dir, tmp_path):
     model = str(tiny_hf_dir)
     src = load_source(model)
