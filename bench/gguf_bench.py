@@ -290,7 +290,8 @@ def _key(row: dict) -> tuple:
 
 def key_for(model: str, preset: str, method: str, s: Settings) -> tuple:
     """The key of the row that run_row would make here."""
-    return (model, preset, method, s.calib, s.nsamples, s.seqlen, s.windows, s.ctx, _generator(s.calib))
+    return _key({"model": model, "preset": preset, "method": method, **{k: getattr(s, k) for k in KEY[3:]},
+                 "generator": _generator(s.calib)})
 
 
 def table(rows: list[dict]) -> str:

@@ -118,7 +118,7 @@ def sampling_dtype(device: torch.device) -> torch.dtype:
     """What the model samples its own text in: bfloat16 where its matmuls are native, float32 where
     torch would emulate them (cpu.native_matmul_dtype). On an AVX2-only CPU SmolLM2's 32 x 512
     tokens took 418 s in bfloat16 and take 114 s in float32 (BENCHMARKS.md)."""
-    return torch.bfloat16 if native_matmul_dtype(device) == "bfloat16" else torch.float32
+    return getattr(torch, native_matmul_dtype(device))
 
 
 def sampling_attention(device: torch.device) -> str:
