@@ -5,6 +5,8 @@ calibration reports."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import platform
 import resource
 from pathlib import Path
@@ -79,3 +81,19 @@ def peak_rss_mb() -> float:
 def rss_mb() -> float | None:
     """The RSS in MiB now (None where /proc is not there)."""
     return _status_mb("VmRSS")
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; False where there is none).
+    glibc serves blocks under its mmap threshold, which rises to 32 MiB as larger blocks are freed,
+    from the heap, and keeps their pages resident once freed: a calibration's per-layer temporaries
+    of a few MB each left the next layer's (and the vocabulary table's) peak that much higher."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim(ctypes.c_size_t(0))
+    return True

@@ -30,7 +30,7 @@ import torch
 from d2quant import rotation
 from d2quant.activations import OFFLOADS, Activations, plan_offload
 from d2quant.checkpoint import CheckpointWriter
-from d2quant.cpu import native_matmul_dtype, peak_rss_mb, reset_peak_rss, rss_mb
+from d2quant.cpu import native_matmul_dtype, peak_rss_mb, release_free_heap, reset_peak_rss, rss_mb
 from d2quant.distributed import SINGLE, Group
 from d2quant.errors import D2Error
 from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
@@ -562,6 +562,7 @@ class Calibrator:
         else:
             self.floats.update(floats)
         self.weights.release(layer)
+        release_free_heap()
         self.report["layers"].append(stats)
         self.on_layer(i, stats)
 
