@@ -367,6 +367,7 @@ class Calibrator:
         # the model's parameter names in its own order (a tied lm_head once, as the embeddings)
         self.order = [n for n, _ in self.model.named_parameters()]
         self.report: dict = {"layers": []}
+        self._peak = 0.0  # MiB, see _peak_so_far
 
     # ---- one linear ----------------------------------------------------------------------
     def _plan(self, prefix: str, layer, lins) -> list[list[_Target]]:
@@ -553,7 +554,7 @@ class Calibrator:
         p = f"model.layers.{i}."
         # the calibration's peak so far: where it rises says which layer (or, after the last, the
         # head) set it
-        stats["peak_mem_mb"] = round(_peak_mem_mb(self.dev), 1)
+        stats["peak_mem_mb"] = self._peak_so_far()
         floats = {p + n: t.detach().float().cpu().clone() for n, t in layer.named_parameters()
                   if (p + n).rpartition(".")[0] not in self.linears}
         if self.sink is not None:
@@ -565,6 +566,13 @@ class Calibrator:
         release_free_heap()
         self.report["layers"].append(stats)
         self.on_layer(i, stats)
+
+    def _peak_so_far(self) -> float:
+        """The calibration's peak memory so far, in MiB. A running maximum: the kernel's RSS
+        counters are approximate to a few hundred kB, so VmHWM read after the free heap was handed
+        back can fall below an earlier reading."""
+        self._peak = max(self._peak, round(_peak_mem_mb(self.dev), 1))
+        return self._peak
 
     @torch.no_grad()
     def run(self, calib: torch.Tensor | None) -> QuantizedModel:
@@ -589,7 +597,7 @@ class Calibrator:
             final_bias = self._calibrate_layers(calib)
         head_bias = self._head(final_bias)
         self.report["seconds"] = round(time.time() - t0, 1)
-        self.report["peak_mem_mb"] = round(_peak_mem_mb(self.dev), 1)
+        self.report["peak_mem_mb"] = self._peak_so_far()
         return self._build(spec, head_bias)
 
     def _offload(self, calib: torch.Tensor) -> str:
@@ -680,17 +688,44 @@ class Calibrator:
         b = None
         for name, mod, prefix in [("model.embed_tokens", emb, "model.embed_tokens.")] + (
                 [] if tied else [("lm_head", head, "lm_head.")]):
+            through = final_bias.cpu() if final_bias is not None and (tied or name == "lm_head") else None
+            target = self._target(name, mod) if name in self.cfg.grids else None
+            if target is not None and target.grid is not None and target.grid.rows_independent:
+                rounded = self._round_table(target, prefix, through)
+                b = b if through is None else rounded
+                W.release(mod)
+                continue
             W.load(mod, prefix, cpu)
-            if name in self.cfg.grids:
-                self._solve([self._target(name, mod)], None)
-            if final_bias is not None and (tied or name == "lm_head"):
-                # through the head as written (a quantized head's, or tied embeddings' dequantized weight)
-                b = final_bias.cpu() @ mod.weight.detach().float().T
+            if target is not None:
+                self._solve([target], None)
+            if through is not None:  # through the head as written (tied embeddings' dequantized weight)
+                b = through @ mod.weight.detach().float().T
             if name in self.linears:
                 W.release(mod)
         if b is not None and "lm_head" in self.linears:
             self.linears["lm_head"].bias = b
             return None
+        return b
+
+    def _round_table(self, t: _Target, prefix: str, through: torch.Tensor | None) -> torch.Tensor | None:
+        """RTN of a vocabulary table on a row-independent grid, a block of rows at a time as the
+        weights give them (a streamed table is then never whole in float32: 0.9 GB for Qwen2.5's).
+        The same codes as the whole table's. Returns ``through`` through the rounded table (the
+        head's DAC bias) when given."""
+        n, parts = t.module.weight.shape[0], []
+        codes = b = None
+        for rows, w in self.weights.row_blocks(t.module, prefix):
+            with single_thread():
+                s = rtn(w, t.grid, in_place=True)  # w holds the rounded values after
+            if codes is None:
+                codes = torch.empty(n, w.shape[1], dtype=s.codes.dtype)
+                b = None if through is None else torch.empty(n)
+            codes[rows] = s.codes
+            parts.append(s.params)
+            if b is not None:
+                b[rows] = through @ w.T
+        params = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        self.linears[t.name] = QuantizedLinear(t.grid, codes, params, None)
         return b
 
     def _build(self, spec, head_bias: torch.Tensor | None) -> QuantizedModel:

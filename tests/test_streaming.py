@@ -317,3 +317,39 @@ def test_a_dead_rank_stops_the_others_with_one_line_and_the_checkpoint_resumes(s
     for f in files:
         a, b = load_file(str(one / f)), load_file(str(two / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_a_streamed_vocabulary_table_is_rounded_by_blocks_of_rows_as_whole(kind, sharded_dir, tmp_path, monkeypatch):
+    """The quantized table (and the head's DAC bias through it) read and rounded a few rows at a
+    time, never whole: the same bits as the in-memory model's, which goes by the same blocks, and
+    the codes of the table rounded whole."""
+    import d2quant.weights as weights
+
+    path = sharded_dir if kind == "safetensors" else _tiny_gguf("llama", tmp_path)
+    q4_0 = GGUFTarget("Q4_0")
+
+    def run(stream: bool) -> QuantizedModel:
+        src = load_source(str(path), stream=stream)
+        return quantize(src, CALIB, q4_0.quant_config(QuantConfig(**CFG, stream=stream), src, CALIB))
+    one_block = run(False)
+    read = []
+    real = weights._StreamedWeights.row_blocks
+
+    def spy(self, module, prefix):
+        for rows, w in real(self, module, prefix):
+            read.append(rows)
+            yield rows, w
+    monkeypatch.setattr(weights, "ROW_BLOCK", 37)
+    monkeypatch.setattr(weights._StreamedWeights, "row_blocks", spy)
+    whole, streamed = run(False), run(True)
+    vocab = one_block.linears["model.embed_tokens"].codes.shape[0]
+    assert len(read) == -(-vocab // 37) > 1 and read[-1].stop == vocab
+    assert streamed.report["final_dac_shift"] > 0
+    assert_same(whole, streamed)
+    for name in {"model.embed_tokens", "lm_head"} & set(streamed.linears):
+        a, b = one_block.linears[name], streamed.linears[name]
+        assert torch.equal(a.codes, b.codes) and all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    bias = [qm.linears["lm_head"].bias if "lm_head" in qm.linears else qm.tensors["lm_head.bias"]
+            for qm in (one_block, streamed)]
+    assert torch.allclose(*bias, rtol=1e-5, atol=1e-7)
