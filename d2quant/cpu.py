@@ -6,7 +6,7 @@ calibration reports."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import platform
 import resource
 from pathlib import Path
@@ -88,12 +88,17 @@ def release_free_heap() -> bool:
     glibc serves blocks under its mmap threshold, which rises to 32 MiB as larger blocks are freed,
     from the heap, and keeps their pages resident once freed: a calibration's per-layer temporaries
     of a few MB each left the next layer's (and the vocabulary table's) peak that much higher."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(ctypes.c_size_t(0))
     return True
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (None on a C library without it, e.g. musl or macOS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None

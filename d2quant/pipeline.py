@@ -691,8 +691,7 @@ class Calibrator:
             through = final_bias.cpu() if final_bias is not None and (tied or name == "lm_head") else None
             target = self._target(name, mod) if name in self.cfg.grids else None
             if target is not None and target.grid is not None and target.grid.rows_independent:
-                rounded = self._round_table(target, prefix, through)
-                b = b if through is None else rounded
+                b = self._round_table(target, prefix, through)  # None but for the last table, the head
                 W.release(mod)
                 continue
             W.load(mod, prefix, cpu)
@@ -715,13 +714,13 @@ class Calibrator:
         n, parts = t.module.weight.shape[0], []
         codes = b = None
         for rows, w in self.weights.row_blocks(t.module, prefix):
-            with single_thread():
-                s = rtn(w, t.grid, in_place=True)  # w holds the rounded values after
+            block_codes, block_params = t.grid.quantize_matrix(w)  # elementwise: the same bits at any thread count
+            w.copy_(t.grid.dequantize_matrix(block_codes, block_params))
             if codes is None:
-                codes = torch.empty(n, w.shape[1], dtype=s.codes.dtype)
+                codes = torch.empty(n, w.shape[1], dtype=block_codes.dtype)
                 b = None if through is None else torch.empty(n)
-            codes[rows] = s.codes
-            parts.append(s.params)
+            codes[rows] = block_codes
+            parts.append(block_params)
             if b is not None:
                 b[rows] = through @ w.T
         params = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -254,12 +254,20 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     its buffer read column-major is the same matrix; the factor comes out column-major and the
     buffer is transposed in place at the end. The same LAPACK calls as on row-major copies, so the
     same bits."""
+    d = _damped_inverse(h, damp)
+    t = d.mT
+    torch.linalg.cholesky(t, upper=True, out=t)
+    _transpose_in_place(d)
+    return d
+
+
+def _damped_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The damped H's inverse in one new k x k buffer (symmetric, so the column-major LAPACK result
+    read row-major is the same matrix; see _inverse_factor)."""
     d = _damped(h, damp)
     t = d.mT
     _cholesky(t, out=t)
     torch.cholesky_inverse(t, out=t)
-    torch.linalg.cholesky(t, upper=True, out=t)
-    _transpose_in_place(d)
     return d
 
 
@@ -300,7 +308,7 @@ def _permuted(h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def _asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
     """W* = W + W (C - H) H^-1 with H damped as the solve damps it (see gptq_rows)."""
-    return w + (w @ (cross - h)) @ torch.cholesky_inverse(_cholesky(_damped(h, damp)))
+    return w + (w @ (cross - h)) @ _damped_inverse(h, damp)
 
 
 def _vector_block(grid, w1, err1, hinv1, cols, static, per_group, importance, codes, q_all) -> None:

@@ -226,12 +226,14 @@ def test_in_place_factor_and_permutation_are_the_plain_formulas_bit_for_bit():
     """GPTQ's k x k steps work in one buffer each (column-major LAPACK, blocked transpose and
     permutation); they must give exactly what the out-of-place formulas give, on sizes that are not
     a multiple of the block."""
-    from d2quant.solver import _SQUARE_BLOCK, _damped, _inverse_factor, _permuted
+    from d2quant.solver import _SQUARE_BLOCK, _damped, _damped_inverse, _inverse_factor, _permuted
     torch.manual_seed(3)
     k = _SQUARE_BLOCK + 188
     x = torch.randn(k + 64, k)
     h = x.T @ x / x.shape[0]
-    plain = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(_damped(h, 0.01))), upper=True)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_damped(h, 0.01)))
+    assert torch.equal(_damped_inverse(h, 0.01), inverse)
+    plain = torch.linalg.cholesky(inverse, upper=True)
     got = _inverse_factor(h, 0.01)
     assert got.is_contiguous() and torch.equal(got, plain)
     perm = torch.randperm(k)
