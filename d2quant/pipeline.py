@@ -30,7 +30,8 @@ import torch
 from d2quant import rotation
 from d2quant.activations import OFFLOADS, Activations, plan_offload
 from d2quant.checkpoint import CheckpointWriter
-from d2quant.cpu import native_matmul_dtype, peak_rss_mb, release_free_heap, reset_peak_rss, rss_mb
+from d2quant.cpu import (bound_heap_blocks, native_matmul_dtype, peak_rss_mb, release_free_heap, reset_peak_rss,
+                         rss_mb)
 from d2quant.distributed import SINGLE, Group
 from d2quant.errors import D2Error
 from d2quant.grids import (DualScaleGrid, Grid, ResidualBinaryGrid, UniformGrid, grid_from_spec,
@@ -577,6 +578,7 @@ class Calibrator:
     @torch.no_grad()
     def run(self, calib: torch.Tensor | None) -> QuantizedModel:
         cfg, model, t0 = self.cfg, self.model, time.time()
+        bound_heap_blocks()
         self.report["peak_mem_of"], held = _reset_peak_mem(self.dev)
         if held is not None:
             self.report["start_mem_mb"] = round(held, 1)

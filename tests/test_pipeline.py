@@ -114,6 +114,37 @@ def test_calibration_reports_its_own_peak_memory_not_the_processs(tiny_source):
     assert layer_peaks == sorted(layer_peaks) and layer_peaks[-1] <= qm.report["peak_mem_mb"], layer_peaks
 
 
+_HEAP_PROBE = """
+import ctypes, sys
+from d2quant.cpu import bound_heap_blocks, rss_mb
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+if sys.argv[1] == "bounded":
+    assert bound_heap_blocks()
+p = libc.malloc(24 << 20)  # freeing an mmapped 24 MiB block raises glibc's threshold to 24 MiB
+libc.free(p)
+before = rss_mb()
+p = libc.malloc(16 << 20)
+guard = libc.malloc(4096)  # so that the freed block is not the heap's top, which may be trimmed
+ctypes.memset(p, 1, 16 << 20)
+libc.free(p)
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(__import__("d2quant.cpu").cpu._glibc() is None, reason="mallopt is glibc's")
+def test_bounded_heap_blocks_go_back_to_the_os_when_freed():
+    """A 16 MiB block freed after glibc's threshold has risen stays resident on the heap; with
+    bound_heap_blocks (which every calibration calls) it is a mapping of its own and leaves."""
+    import subprocess
+    import sys
+
+    def kept(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout)
+    assert kept("default") > 12 and kept("bounded") < 4
+
+
 def test_d2quant_without_dac_is_gptq_where_down_proj_has_4_bits(tiny_source):
     """DSQ reaches only a down_proj on a grid of <= 3 bits (as in llama.cpp's Q3_K_M and up, whose
     ffn_down is Q4_K or more): there D²Quant without DAC is GPTQ, code for code, and says so."""
