@@ -122,7 +122,6 @@ def _glibc():
     another (musl, macOS)."""
     try:
         libc = ctypes.CDLL(None)
-        libc.malloc_trim, libc.mallopt
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    return libc
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None

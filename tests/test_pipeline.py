@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2quant import rotation
+from d2quant import cpu, rotation
 from d2quant.grids import ResidualBinaryGrid, UniformGrid
 from d2quant.pipeline import QuantConfig, _input_to, quantize
 from d2quant.qmodel import QuantizedModel
@@ -116,8 +116,8 @@ def test_calibration_reports_its_own_peak_memory_not_the_processs(tiny_source):
 
 _HEAP_PROBE = """
 import ctypes, sys
-from d2quant.cpu import bound_heap_blocks, rss_mb
-libc = ctypes.CDLL(None)
+from d2quant.cpu import _glibc, bound_heap_blocks, rss_mb
+libc = _glibc()
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 if sys.argv[1] == "bounded":
     assert bound_heap_blocks()
@@ -132,7 +132,7 @@ print(rss_mb() - before)
 """
 
 
-@pytest.mark.skipif(__import__("d2quant.cpu").cpu._glibc() is None, reason="mallopt is glibc's")
+@pytest.mark.skipif(cpu._glibc() is None, reason="mallopt is glibc's")
 def test_bounded_heap_blocks_go_back_to_the_os_when_freed():
     """A 16 MiB block freed after glibc's threshold has risen stays resident on the heap; with
     bound_heap_blocks (which every calibration calls) it is a mapping of its own and leaves."""
@@ -196,8 +196,6 @@ def test_bfloat16_forwards_calibrate_as_well_as_float32(arch, tiny_source):
 
 @pytest.mark.parametrize("bf16,want", [(True, "bfloat16"), (False, "float32")])
 def test_auto_forwards_follow_the_cpu_and_the_recipe_records_them(bf16, want, monkeypatch):
-    from d2quant import cpu
-
     monkeypatch.setattr(cpu, "has_bf16_matmul", lambda: bf16)
     cfg = QuantConfig(device="cpu", forward_dtype="auto")
     assert cfg.forward_dtype == want
