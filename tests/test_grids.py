@@ -86,6 +86,20 @@ def test_whole_matrix_helpers_by_row_chunks_give_the_same_bits(spec, monkeypatch
     assert torch.equal(g.dequantize_matrix(codes, params), q)
 
 
+@pytest.mark.parametrize("kind", ["iq1_s", "iq2_xs"])
+def test_codebook_search_in_small_chunks_gives_the_same_bits(kind, monkeypatch):
+    """The nearest-point search goes a few thousand units at a time on the CPU (its distances stay
+    on the heap): the chunking must not change a code."""
+    from d2quant.grids import iq
+
+    g = grid_from_spec({"kind": kind})
+    w = heavy(24, 512, seed=7)
+    codes, params = g.quantize_matrix(w)
+    monkeypatch.setattr(iq, "_units_per_chunk", lambda points, device: 5)
+    c5, p5 = g.quantize_matrix(w)
+    assert torch.equal(c5, codes) and all(torch.equal(p5[k], params[k]) for k in params)
+
+
 def test_scales_are_fp16_exact():
     codes, params = UniformGrid(3, 64).quantize_matrix(heavy(8, 128) * 1e3)
     s = params["scale"]

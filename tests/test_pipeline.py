@@ -145,6 +145,38 @@ def test_bounded_heap_blocks_go_back_to_the_os_when_freed():
     assert kept("default") > 12 and kept("bounded") < 4
 
 
+_REUSE_PROBE = """
+import ctypes, resource
+from d2quant.cpu import _glibc, bound_heap_blocks
+libc = _glibc()
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+assert bound_heap_blocks()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):  # a 4 MiB block at the heap's top, as a search's chunk of distances
+    p = libc.malloc(4 << 20)
+    ctypes.memset(p, 1, 4 << 20)
+    libc.free(p)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+"""
+
+
+@pytest.mark.skipif(cpu._glibc() is None, reason="mallopt is glibc's")
+def test_bounded_heap_keeps_its_top_for_the_next_block():
+    """Under bound_heap_blocks a freed block below the limit stays on the heap for the next one: its
+    pages are touched once, not zeroed again at every allocation (MALLOC_TRIM_THRESHOLD_ at glibc's
+    128 KiB shows the churn the call avoids)."""
+    import os
+    import subprocess
+    import sys
+
+    def faults(**env: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env})
+        return int(out.stdout)
+    page_faults_per_block = (4 << 20) // 4096
+    assert faults() < 3 * page_faults_per_block < 10 * page_faults_per_block < faults(MALLOC_TRIM_THRESHOLD_="131072")
+
+
 def test_d2quant_without_dac_is_gptq_where_down_proj_has_4_bits(tiny_source):
     """DSQ reaches only a down_proj on a grid of <= 3 bits (as in llama.cpp's Q3_K_M and up, whose
     ffn_down is Q4_K or more): there D²Quant without DAC is GPTQ, code for code, and says so."""

@@ -23,11 +23,12 @@ import gguf.quants as gq
 import numpy as np
 import torch
 
+from d2quant.cpu import HEAP_BLOCK_LIMIT
 from d2quant.errors import D2Error
 from d2quant.grids.base import Params, round_to_fp16
 from d2quant.grids.ggml import QK_K, _f16, _from_f16, _GgmlGrid, _importance, _keep_better, _safe
 
-_UNITS_PER_CHUNK = 16384  # units searched at once: [units, points] distances stay <= 128 MB
+_CUDA_UNITS_PER_CHUNK = 16384  # units searched at once on CUDA: [units, points] distances <= 128 MB
 # sub-block scale search around max|x| / max level: finer where the codebook is small (cheap to search)
 _SCALE_FACTORS = {True: [0.7 + 0.05 * i for i in range(11)], False: [0.7 + 0.1 * i for i in range(6)]}
 _POLISH_ROUNDS = 2
@@ -166,7 +167,7 @@ class _CodebookGrid(_GgmlGrid):
             pts = self.points.to(t.device)  # [P, v]
             # sum_j wt (t - g)^2 = const + [wt, wt t] . [g^2, -2 g]: one product against every point
             rhs = torch.cat([pts * pts, -2 * pts], 1).T.contiguous()
-            for m in miss.split(_UNITS_PER_CHUNK):
+            for m in miss.split(_units_per_chunk(len(pts), t.device)):
                 wr = wt[m]
                 # min's indices: the first minimum, as argmin, at half its cost on CPU
                 idx[m] = (torch.cat([wr, wr * t[m]], 1) @ rhs).min(-1).indices
@@ -280,6 +281,16 @@ class _CodebookGrid(_GgmlGrid):
     @staticmethod
     def _unnibble(b: np.ndarray) -> np.ndarray:
         return np.stack([b & 15, b >> 4], axis=2).reshape(b.shape[0], -1)
+
+
+def _units_per_chunk(points: int, device: torch.device) -> int:
+    """Units whose distances to every point are formed at once. On CUDA, one large launch. On the
+    CPU, half the heap's block limit (4 MiB): the chunks then reuse the same heap pages, where a
+    128 MB chunk was a freshly zeroed mapping each time. An IQ1_S fit of a 576 x 1536 matrix on one
+    thread spent 14 of its 38 s in page faults; 15.6 s with the same codes (BENCHMARKS.md)."""
+    if device.type == "cuda":
+        return _CUDA_UNITS_PER_CHUNK
+    return max(1, HEAP_BLOCK_LIMIT // 2 // (4 * points))
 
 
 def _even_signs(a, neg, wt):
