@@ -5,7 +5,7 @@ are zeroed afresh by the kernel at every allocation.
     python bench/grid_fit_faults.py IQ1_S                   # this checkout
     python bench/grid_fit_faults.py IQ1_S --src /tmp/old    # another checkout's d2quant (a git worktree)
 
-One thread, ``cpu.bound_heap_blocks()`` first (as ``Calibrator.run`` calls it), then
+One thread, ``cpu.bound_heap_blocks()`` first (as a streamed ``Calibrator.run`` calls it), then
 ``quantize_matrix`` of a random 576 x 1536 matrix (SmolLM2's q_proj shape, padded to 256 columns)
 with a random importance. Prints one line: the checkout's commit, the type, seconds, system seconds,
 minor page faults, and a checksum of the codes and scales (equal between checkouts: the same fit).

@@ -109,7 +109,9 @@ def bound_heap_blocks(limit: int = HEAP_BLOCK_LIMIT) -> bool:
     the trim between layers: a layer's peak crept up with every layer (2.27 -> 2.60 GiB over six
     layers of a 2048/8192 model, 2.38 -> 2.85 GiB over 24), the same work with the same bits. Fixed
     at 8 MiB the six layers peaked at 2.17 -> 2.20 GiB at the same speed; at 1 MiB, 2.12 GiB but 50%
-    slower, every block a freshly zeroed mapping (BENCHMARKS.md, issue 13)."""
+    slower, every block a freshly zeroed mapping (BENCHMARKS.md, issue 13). On a small model the
+    8 MiB blocks are a larger share of the work: the README job's calibration took 184-189 s
+    against 148 s, so only a streamed calibration (memory first) calls this."""
     libc = _glibc()
     if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False

@@ -578,7 +578,8 @@ class Calibrator:
     @torch.no_grad()
     def run(self, calib: torch.Tensor | None) -> QuantizedModel:
         cfg, model, t0 = self.cfg, self.model, time.time()
-        bound_heap_blocks()
+        if cfg.stream:  # memory first: 8-32 MiB temporaries become fresh mappings, 25% slower on SmolLM2
+            bound_heap_blocks()
         self.report["peak_mem_of"], held = _reset_peak_mem(self.dev)
         if held is not None:
             self.report["start_mem_mb"] = round(held, 1)

@@ -135,7 +135,7 @@ print(rss_mb() - before)
 @pytest.mark.skipif(cpu._glibc() is None, reason="mallopt is glibc's")
 def test_bounded_heap_blocks_go_back_to_the_os_when_freed():
     """A 16 MiB block freed after glibc's threshold has risen stays resident on the heap; with
-    bound_heap_blocks (which every calibration calls) it is a mapping of its own and leaves."""
+    bound_heap_blocks (which every streamed calibration calls) it is a mapping of its own and leaves."""
     import subprocess
     import sys
 
