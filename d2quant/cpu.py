@@ -118,8 +118,8 @@ def bound_heap_blocks(limit: int = HEAP_BLOCK_LIMIT) -> bool:
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         # A fixed threshold ends glibc's dynamic rule, which keeps the trim threshold at twice the
         # mmap threshold; left where it was (128 KiB at start), the heap's top was handed back
-        # after every free and zeroed again at the next allocation. An IQ1_S calibration spent 43% of its time in the
-        # kernel (page faults); release_free_heap still trims all of it between layers.
+        # after every free and zeroed again at the next allocation. An IQ1_S calibration spent 43%
+        # of its time in the kernel (page faults); release_free_heap still trims it between layers.
         libc.mallopt(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(2 * limit))
     return bool(libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(limit)))
 

@@ -287,7 +287,8 @@ def _units_per_chunk(points: int, device: torch.device) -> int:
     """Units whose distances to every point are formed at once. On CUDA, one large launch. On the
     CPU, half the heap's block limit (4 MiB): the chunks then reuse the same heap pages, where a
     128 MB chunk was a freshly zeroed mapping each time. An IQ1_S fit of a 576 x 1536 matrix on one
-    thread spent 14 of its 38 s in page faults; 15.6 s with the same codes (BENCHMARKS.md)."""
+    thread spent 13.9 of its 26.7 s in the kernel; 12.2 s with the same codes, together with
+    cpu.bound_heap_blocks's trim threshold (BENCHMARKS.md, issue 13)."""
     if device.type == "cuda":
         return _CUDA_UNITS_PER_CHUNK
     return max(1, HEAP_BLOCK_LIMIT // 2 // (4 * points))
