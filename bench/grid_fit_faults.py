@@ -4,8 +4,10 @@ are zeroed afresh by the kernel at every allocation.
 
     python bench/grid_fit_faults.py IQ1_S                   # this checkout
     python bench/grid_fit_faults.py IQ1_S --src /tmp/old    # another checkout's d2quant (a git worktree)
+    python bench/grid_fit_faults.py IQ1_S --glibc-defaults  # as an in-memory calibration runs it
 
-One thread, ``cpu.bound_heap_blocks()`` first (as a streamed ``Calibrator.run`` calls it), then
+One thread, ``cpu.bound_heap_blocks()`` first (as a streamed ``Calibrator.run`` calls it; skipped
+with ``--glibc-defaults``), then
 ``quantize_matrix`` of a random 576 x 1536 matrix (SmolLM2's q_proj shape, padded to 256 columns)
 with a random importance. Prints one line: the checkout's commit, the type, seconds, system seconds,
 minor page faults, and a checksum of the codes and scales (equal between checkouts: the same fit).
@@ -26,6 +28,8 @@ def main() -> None:
     ap.add_argument("type", help="a GGML type name, e.g. IQ1_S")
     ap.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1],
                     help="the checkout whose d2quant is measured (default: this one)")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="leave glibc's dynamic mmap/trim thresholds, as an in-memory calibration does")
     args = ap.parse_args()
     sys.path.insert(0, str(args.src))
     import torch
@@ -34,7 +38,8 @@ def main() -> None:
     from d2quant.grids.ggml import ggml_grid
 
     torch.set_num_threads(1)
-    bound_heap_blocks()
+    if not args.glibc_defaults:
+        bound_heap_blocks()
     grid = ggml_grid(args.type)
     torch.manual_seed(0)
     w, importance = torch.randn(576, 1536) * 0.02, torch.rand(1536) + 0.1
