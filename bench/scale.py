@@ -2,8 +2,12 @@
 
 Synthetic random LLaMA-shaped models (issue 13's shapes: hidden 2048 / ffn 8192 at 6, 12, 24
 layers; hidden 3072 / ffn 8192 at 28 layers, about 3B) are written once as sharded bf16 safetensors
-with SmolLM2's tokenizer, layer by layer, so making them never needs the whole model in memory.
-Each run is one ``d2export`` command in a child process; its peak RSS is the child's ``ru_maxrss``.
+with SmolLM2's tokenizer, one layer at a time, so making them never needs the whole model in memory
+(until 2026-12-07 every shard was made before the first was saved: 5.9 GiB for the 3B).
+Each run is one ``d2export`` command in a child process; its peak RSS is the child's own highest
+VmHWM, sampled every 0.2 s (``rss_trace.ChildPeak``). Rows before 2026-12-07 recorded the child's
+``ru_maxrss``, which Linux carries over exec from the parent that started it: a row whose run made
+its model in the same bench process reported that making's peak whenever it was higher.
 Random weights say nothing about quality: these rows are about memory and time only.
 
     python bench/scale.py --shapes 2048x8192x6 2048x8192x24 --command gguf --stream
@@ -12,7 +16,7 @@ Random weights say nothing about quality: these rows are about memory and time o
     python bench/scale.py --table
 
 With ``--nproc N`` the command runs under ``torchrun --nproc-per-node N``; its peak RSS is then the
-largest single process's (``ru_maxrss`` of waited-for children is a maximum, not a sum). A run that
+largest single process's (the highest VmHWM among the child and its descendants). A run that
 is not the streamed 1-process one (``--no-stream`` or ``--nproc``) is compared with that run's output
 when it exists (run it first, with the same options): a checkpoint's tensors byte for byte and its manifest up to its timings, a GGUF's
 tensors byte for byte (its recipe records the options, so it differs).
@@ -34,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from resultlog import append_row, read_rows  # bench/ is on sys.path when run as a script
+from rss_trace import ChildPeak
 from d2quant.data import wikitext_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,23 +70,24 @@ def make_model(hidden: int, ffn: int, layers: int, folder: Path) -> Path:
     def rnd(*shape, std=0.02):
         return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
 
-    weight_map, total = {}, 0
-    shards = [{"model.embed_tokens.weight": rnd(VOCAB, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shards.append({p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                       p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                       p + "self_attn.q_proj.weight": rnd(hidden, hidden), p + "self_attn.k_proj.weight": rnd(kv, hidden),
-                       p + "self_attn.v_proj.weight": rnd(kv, hidden), p + "self_attn.o_proj.weight": rnd(hidden, hidden),
-                       p + "mlp.gate_proj.weight": rnd(ffn, hidden), p + "mlp.up_proj.weight": rnd(ffn, hidden),
-                       p + "mlp.down_proj.weight": rnd(hidden, ffn)})
-    n = len(shards)
-    for j, shard in enumerate(shards):
+    def shards():  # generated in this order, so the random values do not depend on how they are saved
+        yield {"model.embed_tokens.weight": rnd(VOCAB, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            yield {p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                   p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                   p + "self_attn.q_proj.weight": rnd(hidden, hidden), p + "self_attn.k_proj.weight": rnd(kv, hidden),
+                   p + "self_attn.v_proj.weight": rnd(kv, hidden), p + "self_attn.o_proj.weight": rnd(hidden, hidden),
+                   p + "mlp.gate_proj.weight": rnd(ffn, hidden), p + "mlp.up_proj.weight": rnd(ffn, hidden),
+                   p + "mlp.down_proj.weight": rnd(hidden, ffn)}
+
+    weight_map, total, n = {}, 0, layers + 1
+    for j, shard in enumerate(shards()):  # one shard in memory at a time
         name = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
         save_file(shard, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
         total += sum(t.numel() * 2 for t in shard.values())
-        shards[j] = None  # written: let it go
+        del shard  # before the next is made
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     cfg.save_pretrained(folder)
@@ -115,16 +121,19 @@ def real(name: str) -> tuple[str, str, int, float]:
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, float, int]:
-    """(wall s, peak RSS MiB, exit code) of one command in a child process (its own rusage)."""
+    """(wall s, peak RSS MiB, exit code) of one command in a child process; the peak is the child's
+    own (``rss_trace.ChildPeak``: not its ``ru_maxrss``, which carried this process's peak)."""
     t0 = time.time()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(p.pid, 0)
+        watch = ChildPeak(p.pid)
+        _, status, _ = os.wait4(p.pid, 0)
+        peak = watch.stop()
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         print(log.read_text()[-3000:])
-    return time.time() - t0, usage.ru_maxrss / 1024, p.returncode
+    return time.time() - t0, peak, p.returncode
 
 
 def commit() -> str:

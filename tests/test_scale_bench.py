@@ -58,3 +58,18 @@ def test_same_gguf_tensors_ignores_the_recipe_and_catches_a_changed_byte(tmp_pat
     other = data.copy()
     other[1, 5] += 1
     assert not scale.same_gguf_tensors(one, _gguf(tmp_path / "three.gguf", other, "stream"))
+
+
+def test_run_reports_the_childs_own_peak_not_its_parents(tmp_path):
+    """A child started after this process peaked: ru_maxrss would carry that peak over exec."""
+    import numpy as np
+    from d2quant.cpu import peak_rss_mb
+
+    big = np.ones(512 * 2**20 // 8)  # this process past 512 MiB, then back down
+    big += 1
+    del big
+    assert peak_rss_mb() > 512
+    child = "import numpy as np, time; a = np.ones(64 * 2**20 // 8); a += 1; time.sleep(1.0)"
+    wall, peak, rc = scale.run([sys.executable, "-c", child], tmp_path / "child.log")
+    assert rc == 0
+    assert 64 <= peak < 400, peak  # numpy and 64 MiB, nowhere near this process's peak
