@@ -217,7 +217,7 @@ def main(argv=None) -> None:
         row = {"shape": label, "layers": layers, "float32_gib": gib,
                "command": a.command, "type": a.type if a.command == "gguf" else "", "stream": a.stream,
                "method": a.method, "nsamples": a.nsamples, "seqlen": a.seqlen, "wall_s": round(wall, 1),
-               "peak_rss_gib": round(rss / 1024, 3), "nproc": a.nproc, "rc": rc, "commit": code,
+               "peak_rss_gib": round(rss / 1024, 3), "peak_from": "VmHWM", "nproc": a.nproc, "rc": rc, "commit": code,
                "cmd": " ".join(cmd)}
         if rc == 0 and out != reference and reference.exists():
             same = same_gguf_tensors if a.command == "gguf" else same_checkpoint
