@@ -73,3 +73,14 @@ def test_run_reports_the_childs_own_peak_not_its_parents(tmp_path):
     wall, peak, rc = scale.run([sys.executable, "-c", child], tmp_path / "child.log")
     assert rc == 0
     assert 64 <= peak < 400, peak  # numpy and 64 MiB, nowhere near this process's peak
+
+
+def test_make_model_one_shard_at_a_time_writes_the_old_bytes(tmp_path):
+    """The shards as d5628c9's make_model (every shard made before the first was saved) wrote them."""
+    import hashlib
+
+    folder = scale.make_model(128, 256, 2, tmp_path / "tiny")
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    assert h.hexdigest() == "2b8f75c8d792886ff71f527d849b32ca0a0c813788ee0240e28c9332f385f1af"
